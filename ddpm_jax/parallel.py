@@ -1,0 +1,77 @@
+"""Devices and hosts: the one module that knows about them.
+
+Everything else is written for one global batch. Here the global batch is laid out on a 1-D `Mesh` of all
+devices (of all processes) along the `data` axis; parameters, optimizer state and EMA are replicated. The
+same code runs on 1 CPU, 8 simulated CPU devices, a GPU, a TPU slice and several hosts (`jax.distributed`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+
+def maybe_initialize_distributed(enabled: bool) -> None:
+  """Calls `jax.distributed.initialize()` (coordinator, process id etc. from the environment) when `enabled`.
+
+  Must run before anything touches a device, so it is the first thing each job does.
+  """
+  if enabled and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh over all devices of all processes, axis `data`."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over `data`, other axes whole."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_divisible(global_batch: int, mesh: Mesh, field: str) -> None:
+  """Raises if `global_batch` cannot be split evenly over the devices and processes."""
+  num_devices, num_processes = mesh.devices.size, jax.process_count()
+  if global_batch % num_devices or global_batch % num_processes:
+    raise ValueError(f'{field}={global_batch} must be divisible by the number of devices ({num_devices}) '
+                     f'and processes ({num_processes})')
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a host pytree (identical on every process) on all devices, replicated."""
+  sharding = replicated_sharding(mesh)
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, tree)
+
+
+def shard_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
+  """Turns this process's slice of the global batch into one global array sharded over `data`."""
+  return jax.make_array_from_process_local_data(data_sharding(mesh), local_batch)
+
+
+def process_slice(global_size: int) -> slice:
+  """The contiguous part of a global batch of `global_size` that this process feeds."""
+  per_process = global_size // jax.process_count()
+  start = jax.process_index() * per_process
+  return slice(start, start + per_process)
+
+
+def to_host(x: Any) -> Any:
+  """Fetches (a pytree of) global arrays to numpy on every process, gathering across hosts if needed."""
+  if jax.process_count() == 1:
+    return jax.device_get(x)
+  return multihost_utils.process_allgather(x, tiled=True)

@@ -1,0 +1,182 @@
+"""`train_and_evaluate(config, workdir)`: the training job (DDPM §4, Appendix B).
+
+Data (this process's shard) -> global batch on the mesh -> jitted `train_step` (state replicated, batch
+sharded, state donated) -> metrics every `log_every` steps (the only host syncs), EMA sample grids, orbax
+checkpoints every `checkpoint_every` steps and on SIGTERM. Restarting on the same workdir resumes from the
+latest checkpoint; because batches and keys are functions of (seed, step), the resumed run is bit-identical
+to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from ddpm_jax import checkpoints, data, diffusion, images, models, parallel
+from ddpm_jax.config import validate_config
+from ddpm_jax.train.state import TrainState, create_train_state
+from ddpm_jax.train.step import make_train_step
+
+# Sub-streams of the run's seed: one key each, so that no two uses ever share randomness.
+INIT_STREAM, TRAIN_STREAM, GRID_STREAM = 0, 1, 2
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss was NaN or inf; nothing from that step on was applied or saved."""
+
+
+def run_key(config: ml_collections.ConfigDict, stream: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(config.seed), stream)
+
+
+class _Preemption:
+  """Sets a flag on SIGTERM (and SIGINT) so the loop can checkpoint and exit at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning('Received signal %d: checkpointing and stopping after this step.', signum)
+    self.requested = True
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _data_state_dir(workdir: str, step: int) -> str:
+  return os.path.join(workdir, 'data_state', str(step), f'process_{jax.process_index()}')
+
+
+def _initial_state(config, manager, mesh) -> TrainState:
+  state = checkpoints.restore_latest(manager, config, mesh)
+  if state is not None:
+    logging.info('Resuming from the checkpoint at step %d.', int(state.step))
+    return state
+  init = jax.jit(create_train_state, static_argnums=0,
+                 out_shardings=parallel.replicated_sharding(mesh))
+  return init(config, run_key(config, INIT_STREAM))
+
+
+def _check_finite(state: TrainState) -> None:
+  bad_step = int(jax.device_get(state.nonfinite_step))
+  if bad_step >= 0:
+    raise NonFiniteLossError(
+        f'non-finite loss at step {bad_step + 1}: training stopped; the last good checkpoint is kept. '
+        'Lower optim.learning_rate, check the data, or enable optim.grad_clip.')
+
+
+def _summarize(buffer: list[dict[str, jax.Array]]) -> dict[str, float]:
+  stacked = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *buffer)
+  return {k: float(v) for k, v in parallel.to_host(stacked).items()}
+
+
+def write_sample_grid(config, model, mesh, params, workdir: str, step: int) -> str:
+  """EMA samples of fixed noise (the same every time, so grids show progress) as `samples_<step>.png`."""
+  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+  sample_fn = sampling.make_sample_fn(config, model, mesh)
+  n = config.training.num_grid_samples
+  n += (-n) % mesh.devices.size
+  indices = jnp.arange(n, dtype=jnp.int32)
+  samples = parallel.to_host(sample_fn(params, run_key(config, GRID_STREAM), indices))
+  path = os.path.join(workdir, f'samples_{step}.png')
+  if jax.process_index() == 0:
+    images.save_image_grid(data.to_uint8(np.asarray(samples)[:config.training.num_grid_samples]), path)
+  return path
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       data_iterator: Iterator[np.ndarray] | None = None) -> TrainState:
+  """Trains `config.training.num_train_steps` steps in `workdir` (resuming if it has checkpoints).
+
+  `data_iterator` (optional, for tests) replaces the configured data source; it must yield this
+  process's float32 [-1, 1] batches starting at the resumed step.
+  """
+  parallel.maybe_initialize_distributed(config.training.distributed)
+  mesh = parallel.create_mesh()
+  validate_config(config, num_devices=mesh.devices.size, num_processes=jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  model = models.create_model(config)
+  coefs = diffusion.coefficients_from_config(config.diffusion)
+  manager = checkpoints.create_manager(workdir, keep=config.training.keep_checkpoints)
+  state = _initial_state(config, manager, mesh)
+  start_step, num_steps = int(jax.device_get(state.step)), config.training.num_train_steps
+
+  if data_iterator is None:
+    data_iterator = data.create_train_iterator(
+        config, seed=config.seed, start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    if os.path.isdir(_data_state_dir(workdir, start_step)):
+      data_iterator.restore_state(_data_state_dir(workdir, start_step))
+
+  repl, batch_sharding = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
+  train_step = jax.jit(make_train_step(config, model, coefs),
+                       in_shardings=(repl, batch_sharding, repl), out_shardings=(repl, repl),
+                       donate_argnums=(0,))
+  train_key = run_key(config, TRAIN_STREAM)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                             every_steps=config.training.log_every)
+  preemption = _Preemption()
+  t = config.training
+  buffer: list[dict[str, jax.Array]] = []
+
+  def save(step: int) -> None:
+    _check_finite(state)  # never let a NaN state replace the last good checkpoint
+    checkpoints.save(manager, state, config)
+    if hasattr(data_iterator, 'save_state'):
+      data_iterator.save_state(_data_state_dir(workdir, step))
+
+  try:
+    for step in range(start_step + 1, num_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = parallel.shard_batch(next(data_iterator), mesh)
+        state, metrics = train_step(state, batch, train_key)
+      buffer.append(metrics)
+      progress(step)
+      last = step == num_steps
+      if step % t.log_every == 0 or last:
+        _check_finite(state)
+        writer.write_scalars(step, _summarize(buffer))
+        buffer = []
+      if (t.sample_every and step % t.sample_every == 0) or (last and t.num_grid_samples):
+        _check_finite(state)
+        path = write_sample_grid(config, model, mesh, state.ema_params, workdir, step)
+        logging.info('Wrote EMA samples to %s', path)
+      preempted = preemption.requested or manager.reached_preemption(step)
+      if step % t.checkpoint_every == 0 or last or preempted:
+        save(step)
+      if preempted:
+        logging.warning('Stopped at step %d after checkpointing (preemption).', step)
+        break
+  finally:
+    preemption.restore()
+    writer.flush()
+    manager.wait_until_finished()
+
+  if config.training.final_eval and int(jax.device_get(state.step)) == num_steps:
+    from ddpm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+    results = evaluate.evaluate(config, workdir)
+    logging.info('Final evaluation: %s', json.dumps(results, indent=1, default=str))
+    if jax.process_index() == 0:
+      print('Final evaluation:', json.dumps(results, indent=1, default=str), flush=True)
+  return state

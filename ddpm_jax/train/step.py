@@ -1,0 +1,88 @@
+"""The pure training step: model -> diffusion loss -> gradients -> optax -> EMA (DDPM Alg. 1, §4).
+
+`make_train_step` closes over the static parts (model, optimizer, coefficients) and returns
+`train_step(state, batch, base_key) -> (state, metrics)`; the caller compiles it with `jax.jit` over the
+mesh. Its randomness is `fold_in(base_key, state.step)`, so a run is a pure function of (config, seed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ddpm_jax import diffusion
+from ddpm_jax.diffusion import timesteps
+from ddpm_jax.train.state import TrainState, create_optimizer, learning_rate_schedule
+
+Metrics = dict[str, jax.Array]
+NUM_QUARTERS = 4
+
+
+def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
+  """EMA of the weights; the first update copies the weights (decay 0), as the original code does."""
+  decay = jnp.where(step == 0, 0.0, decay)
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def loss_by_quarter(loss: jax.Array, t: jax.Array, num_timesteps: int) -> Metrics:
+  """Mean loss of the examples whose t/T lies in [0, .25), [.25, .5), ... (NaN-free: empty quarters give 0)."""
+  quarter = (t * NUM_QUARTERS) // num_timesteps
+  out = {}
+  for q in range(NUM_QUARTERS):
+    mask = (quarter == q).astype(loss.dtype)
+    out[f'loss_q{q}'] = jnp.sum(loss * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return out
+
+
+def _sample_timesteps(state: TrainState, key: jax.Array, batch_size: int, num_timesteps: int):
+  if state.sampler_state is None:
+    return timesteps.sample_uniform(key, batch_size, num_timesteps)
+  return timesteps.sample_loss_second_moment(state.sampler_state, key, batch_size)
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: Any,
+                    coefs: diffusion.DiffusionCoefficients) -> Callable[..., tuple[TrainState, Metrics]]:
+  """Returns the pure `train_step(state, batch [B, H, W, C] in [-1, 1], base_key) -> (state, metrics)`."""
+  tx = create_optimizer(config)
+  schedule = learning_rate_schedule(config)
+  ema_decay = config.training.ema_decay
+  num_timesteps = coefs.num_timesteps
+
+  def train_step(state: TrainState, batch: jax.Array, base_key: jax.Array) -> tuple[TrainState, Metrics]:
+    t_key, noise_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, state.step), 3)
+    t, weights = _sample_timesteps(state, t_key, batch.shape[0], num_timesteps)
+
+    def loss_fn(params):
+      def model_fn(x_t, t_model):
+        return model.apply({'params': params}, x_t, t_model, train=True, rngs={'dropout': dropout_key})
+      terms = diffusion.training_losses(coefs, model_fn, batch, t, noise_key)
+      return jnp.mean(terms['loss'] * weights), terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    sampler_state = state.sampler_state
+    if sampler_state is not None:
+      sampler_state = timesteps.update_loss_second_moment(sampler_state, t, terms['loss'])
+    new_state = state.replace(step=state.step + 1, params=params,
+                              ema_params=ema_update(state.ema_params, params, ema_decay, state.step),
+                              opt_state=opt_state, sampler_state=sampler_state)
+
+    # A non-finite loss freezes the state (only `step` advances) and records the first bad step, so
+    # that the loop can stop with an error at its next sync point without a NaN ever reaching a checkpoint.
+    ok = jnp.isfinite(loss) & (state.nonfinite_step < 0)
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    new_state = new_state.replace(
+        step=state.step + 1,
+        nonfinite_step=jnp.where(ok | (state.nonfinite_step >= 0), state.nonfinite_step, state.step))
+
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'learning_rate': schedule(state.step)}
+    metrics.update({name: jnp.mean(value) for name, value in terms.items() if name != 'loss'})
+    metrics.update(loss_by_quarter(terms['loss'], t, num_timesteps))
+    return new_state, metrics
+
+  return train_step

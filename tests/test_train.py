@@ -1,0 +1,203 @@
+"""Training: the pure step's pieces, exact resume, preemption, NaN handling, 1 vs 8 devices, 2 processes."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, run_with_devices
+from configs import tiny
+from ddpm_jax import checkpoints, data, parallel
+from ddpm_jax.train import loop, state as state_lib, step as step_lib
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def test_ema_first_update_copies_the_weights_then_decays():
+  ema, params = {'w': jnp.zeros(3)}, {'w': jnp.array([1.0, 2.0, 3.0])}
+  first = step_lib.ema_update(ema, params, 0.9, jnp.array(0))
+  np.testing.assert_allclose(first['w'], [1.0, 2.0, 3.0])
+  second = step_lib.ema_update(first, {'w': jnp.array([2.0, 2.0, 2.0])}, 0.9, jnp.array(1))
+  np.testing.assert_allclose(second['w'], 0.9 * np.array([1.0, 2.0, 3.0]) + 0.1 * 2.0, rtol=1e-6)
+
+
+def test_loss_by_quarter_against_numpy():
+  rng = np.random.default_rng(0)
+  t = rng.integers(0, 100, size=64)
+  loss = rng.random(64)
+  got = step_lib.loss_by_quarter(jnp.asarray(loss), jnp.asarray(t), 100)
+  for q in range(4):
+    mask = (t >= 25 * q) & (t < 25 * (q + 1))
+    np.testing.assert_allclose(got[f'loss_q{q}'], loss[mask].mean(), rtol=1e-5)
+  empty = step_lib.loss_by_quarter(jnp.ones(4), jnp.zeros(4, jnp.int32), 100)
+  assert float(empty['loss_q3']) == 0.0
+
+
+def test_learning_rate_warms_up_linearly_then_stays():
+  config = tiny.get_config()
+  config.optim.warmup_steps = 10
+  schedule = state_lib.learning_rate_schedule(config)
+  lr = config.optim.learning_rate
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(5)), lr / 2, rtol=1e-6)
+  np.testing.assert_allclose([float(schedule(10)), float(schedule(10_000))], [lr, lr], rtol=1e-6)
+
+
+def _run(tmp_path, name, steps, **overrides):
+  config = tiny.get_config()
+  config.training.num_train_steps = steps
+  config.training.num_grid_samples = 0
+  for field, value in overrides.items():
+    section, key = field.split('__')
+    config[section][key] = value
+  return config, loop.train_and_evaluate(config, str(tmp_path / name))
+
+
+def test_resume_is_bit_exact(tmp_path):
+  _, straight = _run(tmp_path, 'straight', 6)
+  _run(tmp_path, 'resumed', 3)
+  config, resumed = _run(tmp_path, 'resumed', 6)
+  assert int(resumed.step) == 6
+  for a, b in zip(_leaves(straight), _leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  assert checkpoints.create_manager(str(tmp_path / 'resumed')).latest_step() == 6
+  # The EMA moved away from the raw weights (decay 0.9 over 6 steps) yet stays finite.
+  assert all(np.isfinite(x).all() for x in _leaves(resumed.ema_params))
+
+
+def test_resume_with_another_model_is_a_clear_error(tmp_path):
+  _run(tmp_path, 'run', 2)
+  with pytest.raises(ValueError, match=r'model\.ch: checkpoint has 32, config has 64'):
+    _run(tmp_path, 'run', 4, model__ch=64)
+
+
+class _Batches:
+  """Digits batches like the real pipeline, with a hook called before batch number `at` (1-based)."""
+
+  def __init__(self, config, at, hook):
+    self._it = data.create_train_iterator(config, seed=config.seed)
+    self._count, self._at, self._hook = 0, at, hook
+
+  def __next__(self):
+    self._count += 1
+    batch = next(self._it)
+    return self._hook(batch) if self._count == self._at else batch
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = tiny.get_config()
+  config.training.num_train_steps = 8
+  config.training.num_grid_samples = 0
+  batches = _Batches(config, at=3, hook=lambda b: np.full_like(b, np.nan))
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(loop.NonFiniteLossError, match='step 3'):
+    loop.train_and_evaluate(config, workdir, data_iterator=batches)
+  manager = checkpoints.create_manager(workdir)
+  assert manager.all_steps() == [2]
+  restored = checkpoints.restore_latest(manager, config, parallel.create_mesh())
+  assert all(np.isfinite(x).all() for x in _leaves(restored.params))
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path):
+  config = tiny.get_config()
+  config.training.num_train_steps = 1000
+  config.training.checkpoint_every = 1000
+  config.training.num_grid_samples = 0
+
+  def send_sigterm(batch):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return batch
+
+  workdir = str(tmp_path / 'preempted')
+  state = loop.train_and_evaluate(config, workdir, data_iterator=_Batches(config, at=3, hook=send_sigterm))
+  assert int(state.step) == 3
+  restored = checkpoints.load_for_inference(workdir, config, parallel.create_mesh())
+  assert int(restored.step) == 3
+  for a, b in zip(_leaves(state.params), _leaves(restored.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_importance_sampler_state_is_trained_and_checkpointed(tmp_path):
+  config, state = _run(tmp_path, 'is', 3, training__importance_sampling=True)
+  counts = np.asarray(state.sampler_state.counts)
+  assert counts.sum() > 0 and counts.max() <= state.sampler_state.history.shape[1]
+  restored = checkpoints.load_for_inference(str(tmp_path / 'is'), config, parallel.create_mesh())
+  np.testing.assert_array_equal(np.asarray(restored.sampler_state.history), np.asarray(state.sampler_state.history))
+
+
+_TRAIN_AND_DUMP = '''
+import sys, numpy as np, jax
+from configs import tiny
+from ddpm_jax.train import loop
+config = tiny.get_config()
+config.training.num_train_steps = 2
+config.training.num_grid_samples = 0
+config.model.dropout = 0.0
+state = loop.train_and_evaluate(config, sys.argv[1] if len(sys.argv) > 1 else {workdir!r})
+if jax.process_index() == 0:
+  np.savez({out!r}, *[np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))])
+print('devices', jax.device_count())
+'''
+
+
+@pytest.mark.multidevice
+def test_one_device_and_eight_devices_agree(tmp_path):
+  outs = {}
+  for n in (1, 8):
+    out = str(tmp_path / f'params_{n}.npz')
+    stdout = run_with_devices(_TRAIN_AND_DUMP.format(workdir=str(tmp_path / f'w{n}'), out=out), num_devices=n)
+    assert f'devices {n}' in stdout
+    outs[n] = np.load(out)
+  for key in outs[1].files:
+    np.testing.assert_allclose(outs[1][key], outs[8][key], rtol=2e-4, atol=2e-6)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_with_jax_distributed_agree(tmp_path):
+  port = _free_port()
+  code = textwrap.dedent('''
+    import sys, jax
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address='127.0.0.1:{port}', num_processes=2,
+                               process_id=int(sys.argv[1]), local_device_ids=[0])
+    import numpy as np
+    from configs import tiny
+    from ddpm_jax.train import loop
+    config = tiny.get_config()
+    config.training.num_train_steps = 2
+    config.training.num_grid_samples = 0
+    config.model.dropout = 0.0
+    state = loop.train_and_evaluate(config, {workdir!r})
+    np.savez({out!r} + sys.argv[1] + '.npz', *[np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))])
+    assert jax.process_count() == 2 and jax.device_count() == 2
+  ''').format(port=port, workdir=str(tmp_path / 'w'), out=str(tmp_path / 'params_'))
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu')
+  procs = [subprocess.Popen([sys.executable, '-c', code, str(i)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, output in zip(procs, outputs):
+    assert p.returncode == 0, output[-4000:]
+  a, b = np.load(str(tmp_path / 'params_0.npz')), np.load(str(tmp_path / 'params_1.npz'))
+  for key in a.files:
+    np.testing.assert_array_equal(a[key], b[key])
+  # ... and they equal a single-process run on the same global batch.
+  single = str(tmp_path / 'single.npz')
+  run_with_devices(_TRAIN_AND_DUMP.format(workdir=str(tmp_path / 'w1'), out=single), num_devices=2)
+  ref = np.load(single)
+  for key in a.files:
+    np.testing.assert_allclose(a[key], ref[key], rtol=2e-4, atol=2e-6)
