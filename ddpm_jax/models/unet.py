@@ -1,0 +1,272 @@
+"""The DDPM U-Net (Ho et al. 2020, §4, Appendix B) with Improved DDPM's options (Nichol & Dhariwal).
+
+Module and parameter names mirror the scopes of the original TensorFlow model
+(`diffusion_tf/models/unet.py`), so the parameter tree reads like the checkpoint:
+params['down_0']['block_0']['conv1']['kernel'] is `model/down_0/block_0/conv1/W` (convert_tf.py).
+
+Data flow (NHWC): x [B, H, W, C] in [-1, 1], t [B] -> conv_in -> down levels (num_res_blocks
+residual blocks, attention where the resolution is in attn_resolutions, downsample except at the
+last level) -> mid (block, attention, block) -> up levels (num_res_blocks + 1 blocks over [h, skip]
+concatenations, upsample except at level 0) -> GroupNorm, swish, conv_out (zero at init)
+-> [B, H, W, out_ch] float32.
+
+iDDPM options (§3.1, Appendix A): `num_heads` > 1 and attention also at 8x8, adaptive "scale-shift"
+GroupNorm, more residual blocks, 2C outputs when the variance is learned. With their CIFAR10
+settings the parameter count equals improved-diffusion's (52,546,438). Two details of
+improved-diffusion stay as in DDPM, since they change no parameter and this project loads no
+improved-diffusion checkpoints: its embedding is [cos, sin] with frequencies
+exp(-i ln(10000) / half), and its GroupNorm eps is 1e-5.
+"""
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ddpm_jax.models import layers
+
+Array = jax.Array
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class DownLevel(nn.Module):
+  """Scope `down_{level}`: residual blocks (+ attention), then `downsample` unless last.
+
+  Returns the activations the up path reads as skips (after each block, and the downsampled one
+  when `downsample`), each [B, H', W', out_ch].
+  """
+  out_ch: int
+  num_res_blocks: int
+  attn_resolutions: tuple[int, ...]
+  downsample: bool
+  resamp_with_conv: bool
+  block: layers.BlockFactory
+  attn: layers.AttnFactory
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h: Array, temb: Array, *, train: bool) -> list[Array]:
+    hs = []
+    for i in range(self.num_res_blocks):
+      h = self.block(self.out_ch, name=f'block_{i}')(h, temb, train=train)
+      if h.shape[1] in self.attn_resolutions:
+        h = self.attn(name=f'attn_{i}')(h)
+      hs.append(h)
+    if self.downsample:
+      hs.append(layers.Downsample(self.resamp_with_conv, self.dtype, name='downsample')(h))
+    return hs
+
+
+class Middle(nn.Module):
+  """Scope `mid`: block_1, attn_1, block_2 at the lowest resolution; [B, h, w, C] -> same shape."""
+  block: layers.BlockFactory
+  attn: layers.AttnFactory
+
+  @nn.compact
+  def __call__(self, h: Array, temb: Array, *, train: bool) -> Array:
+    ch = h.shape[-1]
+    h = self.block(ch, name='block_1')(h, temb, train=train)
+    h = self.attn(name='attn_1')(h)
+    return self.block(ch, name='block_2')(h, temb, train=train)
+
+
+class UpLevel(nn.Module):
+  """Scope `up_{level}`: num_res_blocks + 1 blocks (+ attention), then `upsample` unless level 0.
+
+  Each block reads concat[h, skip] (h first, as the original); `skips` come in the order they are
+  consumed. Returns [B, H', W', out_ch] (H' doubled when upsampling).
+  """
+  out_ch: int
+  attn_resolutions: tuple[int, ...]
+  upsample: bool
+  resamp_with_conv: bool
+  block: layers.BlockFactory
+  attn: layers.AttnFactory
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h: Array, skips: Sequence[Array], temb: Array, *, train: bool) -> Array:
+    for i, skip in enumerate(skips):
+      h = self.block(self.out_ch, name=f'block_{i}')(jnp.concatenate([h, skip], axis=-1), temb,
+                                                     train=train)
+      if h.shape[1] in self.attn_resolutions:
+        h = self.attn(name=f'attn_{i}')(h)
+    if self.upsample:
+      h = layers.Upsample(self.resamp_with_conv, self.dtype, name='upsample')(h)
+    return h
+
+
+class UNet(nn.Module):
+  """The noise-prediction network eps_theta(x_t, t) of DDPM (and iDDPM, with the options).
+
+  Attributes mirror `config.model` (see `create_model`); `out_ch` is C, or 2C for learned variance.
+  `attn_implementation` is passed to jax.nn.dot_product_attention (None lets JAX choose).
+  """
+  ch: int = 128
+  out_ch: int = 3
+  ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: tuple[int, ...] = (16,)
+  num_heads: int = 1
+  scale_shift_norm: bool = False
+  dropout: float = 0.0
+  resamp_with_conv: bool = True
+  dtype: Any = jnp.float32
+  attn_implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, t: Array, *, train: bool) -> Array:
+    """eps_theta(x_t, t) (DDPM §3.2, eq. 11).
+
+    Args:
+      x: [B, H, W, C] noisy images x_t in [-1, 1] (H, W divisible by 2**(len(ch_mult) - 1)).
+      t: [B] timestep indices (0-based, as in the original code).
+      train: enables dropout (then needs rngs={'dropout': key}).
+    Returns:
+      [B, H, W, out_ch] float32: the eps prediction (and the variance channels when out_ch = 2C).
+    """
+    self._check_inputs(x, t)
+    block, attn = layers.block_factories(self.dropout, self.scale_shift_norm, self.num_heads,
+                                         self.dtype, self.attn_implementation)
+    attn_res = tuple(self.attn_resolutions)
+    num_levels = len(self.ch_mult)
+    temb = layers.TimestepEmbed(self.ch, name='temb')(t)
+
+    hs = [layers.conv3x3(self.ch, 'conv_in', self.dtype)(x)]
+    for level, mult in enumerate(self.ch_mult):
+      hs += DownLevel(self.ch * mult, self.num_res_blocks, attn_res, level != num_levels - 1,
+                      self.resamp_with_conv, block, attn, self.dtype,
+                      name=f'down_{level}')(hs[-1], temb, train=train)
+
+    h = Middle(block, attn, name='mid')(hs[-1], temb, train=train)
+
+    for level in reversed(range(num_levels)):
+      skips = [hs.pop() for _ in range(self.num_res_blocks + 1)]
+      h = UpLevel(self.ch * self.ch_mult[level], attn_res, level != 0, self.resamp_with_conv, block,
+                  attn, self.dtype, name=f'up_{level}')(h, skips, temb, train=train)
+    assert not hs  # every skip consumed, as in the original
+
+    # The output head runs in float32: it produces the eps (and variance) values the losses consume.
+    h = nn.swish(layers.group_norm('norm_out', jnp.float32)(h))
+    return layers.conv3x3(self.out_ch, 'conv_out', jnp.float32, init_scale=0.0)(h)
+
+  def _check_inputs(self, x: Array, t: Array) -> None:
+    factor = 2 ** (len(self.ch_mult) - 1)
+    if x.ndim != 4 or x.shape[1] % factor or x.shape[2] % factor:
+      raise ValueError(f'UNet input x must be [B, H, W, C] with H and W divisible by {factor} '
+                       f'(2**(len(ch_mult) - 1)); got shape {x.shape}')
+    if t.shape != (x.shape[0],):
+      raise ValueError(f'UNet input t must have shape [B] = ({x.shape[0]},); got {t.shape}')
+
+
+def resolutions(image_size: int, ch_mult: Sequence[int]) -> list[int]:
+  """The spatial size at each level: image_size, image_size / 2, ... (one per entry of ch_mult)."""
+  return [image_size // 2 ** level for level in range(len(ch_mult))]
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+  raise ValueError(f'config.{field}={value!r} is invalid: {allowed}')
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_model_config(config: ml_collections.ConfigDict) -> None:
+  """Checks config.model (and config.data.image_size / num_channels) before anything is built.
+
+  Raises ValueError naming the field, its value and what is allowed.
+  """
+  m, data = config.model, config.data
+  if m.name != 'unet':
+    _fail('model.name', m.name, "only 'unet' is implemented")
+  if not _is_int(m.ch) or m.ch <= 0 or m.ch % layers.NUM_GROUPS:
+    _fail('model.ch', m.ch,
+          f'must be a positive multiple of the {layers.NUM_GROUPS} GroupNorm groups')
+  ch_mult = tuple(m.ch_mult) if isinstance(m.ch_mult, (tuple, list)) else None
+  if not ch_mult or not all(_is_int(c) and c > 0 for c in ch_mult):
+    _fail('model.ch_mult', m.ch_mult, 'must be a non-empty sequence of positive integers')
+  if not _is_int(m.num_res_blocks) or m.num_res_blocks < 1:
+    _fail('model.num_res_blocks', m.num_res_blocks, 'must be an integer >= 1')
+  if not _is_int(data.num_channels) or data.num_channels < 1:
+    _fail('data.num_channels', data.num_channels, 'must be an integer >= 1')
+  factor = 2 ** (len(ch_mult) - 1)
+  if not _is_int(data.image_size) or data.image_size <= 0 or data.image_size % factor:
+    _fail('data.image_size', data.image_size,
+          f'must be a positive multiple of {factor} = 2**(len(model.ch_mult) - 1) for '
+          f'ch_mult={ch_mult}')
+  _validate_attention(m, data.image_size, ch_mult)
+  if not isinstance(m.dropout, (int, float)) or not 0.0 <= m.dropout < 1.0:
+    _fail('model.dropout', m.dropout, 'must be a rate in [0, 1)')
+  if m.dtype not in DTYPES:
+    _fail('model.dtype', m.dtype, f'allowed: {", ".join(repr(d) for d in DTYPES)}')
+  for field in ('scale_shift_norm', 'resamp_with_conv', 'learn_sigma'):
+    if not isinstance(m[field], bool):
+      _fail(f'model.{field}', m[field], 'must be True or False')
+
+
+def _validate_attention(m: ml_collections.ConfigDict, image_size: int,
+                        ch_mult: tuple[int, ...]) -> None:
+  res = resolutions(image_size, ch_mult)
+  attn = m.attn_resolutions
+  if not isinstance(attn, (tuple, list)) or not all(_is_int(r) for r in attn):
+    _fail('model.attn_resolutions', attn, 'must be a sequence of integer resolutions')
+  for r in attn:
+    if r not in res:
+      _fail('model.attn_resolutions', tuple(attn),
+            f'resolution {r} never occurs; with image_size={image_size} and ch_mult={ch_mult} the '
+            f'resolutions are {res}')
+  if not _is_int(m.num_heads) or m.num_heads < 1:
+    _fail('model.num_heads', m.num_heads, 'must be an integer >= 1')
+  # Attention runs at the attn_resolutions and always in the middle block (lowest resolution).
+  attn_channels = {m.ch * c for c, r in zip(ch_mult, res) if r in attn} | {m.ch * ch_mult[-1]}
+  for c in sorted(attn_channels):
+    if c % m.num_heads:
+      _fail('model.num_heads', m.num_heads, f'must divide the {c} channels of an attention layer')
+
+
+def create_model(config: ml_collections.ConfigDict) -> UNet:
+  """Builds the UNet from config.model; its output has C (or 2C when learn_sigma) channels.
+
+  Use: `model.apply({'params': params}, x, t, train=True, rngs={'dropout': key})`.
+  """
+  validate_model_config(config)
+  m = config.model
+  out_ch = config.data.num_channels * (2 if m.learn_sigma else 1)
+  return UNet(ch=m.ch, out_ch=out_ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+              attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
+              scale_shift_norm=m.scale_shift_norm, dropout=float(m.dropout),
+              resamp_with_conv=m.resamp_with_conv, dtype=DTYPES[m.dtype])
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_init(model: UNet, image_size: int, num_channels: int) -> Callable[[jax.Array], dict]:
+  """One compiled init per (model, image shape): compiling init costs far more than running it."""
+
+  def init(key: jax.Array) -> dict:
+    x = jnp.zeros((1, image_size, image_size, num_channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    return model.init({'params': key}, x, t, train=False)['params']
+
+  return jax.jit(init)
+
+
+def init_params(model: UNet, key: jax.Array, image_size: int, num_channels: int) -> dict:
+  """Initial float32 parameters for images [*, image_size, image_size, num_channels] from `key`."""
+  return _compiled_init(model, image_size, num_channels)(key)
+
+
+def param_shapes(config: ml_collections.ConfigDict) -> dict:
+  """The parameter tree as jax.ShapeDtypeStruct leaves, without allocating or computing anything."""
+  model = create_model(config)
+  return jax.eval_shape(lambda k: init_params(model, k, config.data.image_size,
+                                              config.data.num_channels), jax.random.key(0))
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a parameter tree (arrays or ShapeDtypeStructs)."""
+  return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(params))
