@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.data_dir = ml_collections.config_dict.placeholder(str)      # tfds data_dir
   data.image_folder = ml_collections.config_dict.placeholder(str)  # for dataset='image_folder'
   data.shuffle_buffer = 10_000
+  data.in_memory = ml_collections.config_dict.placeholder(bool)  # None: the source's default (small sets in memory)
   data.prefetch = 2
 
   # --- model: the DDPM U-Net (DDPM §4, Appendix B; iDDPM options) ---

@@ -1,0 +1,26 @@
+"""Data: tfds, embedded digits, image folders -> one iterator of [-1, 1] NHWC batches per process.
+
+Importing this package imports TensorFlow with every GPU / TPU hidden from it, so that TF (used
+here only to read data) never takes accelerator memory from JAX. Import it before anything else
+runs TF ops.
+"""
+
+from ddpm_jax.data import tfds_source
+
+tfds_source.tf_cpu_only()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax.data.digits import load_digits_split
+from ddpm_jax.data.image_folder import IMAGE_EXTENSIONS, list_image_files, load_image_folder
+from ddpm_jax.data.pipeline import InMemoryIterator, StreamingIterator, TrainIterator
+from ddpm_jax.data.pipeline import create_train_iterator, load_eval_images
+from ddpm_jax.data.preprocess import to_model_range, to_uint8
+from ddpm_jax.data.sources import Source, resolve_source, validate_data_config
+from ddpm_jax.data.tfds_source import DatasetUnavailableError, tf_cpu_only
+
+__all__ = [
+    'DatasetUnavailableError', 'IMAGE_EXTENSIONS', 'InMemoryIterator', 'Source',
+    'StreamingIterator', 'TrainIterator', 'create_train_iterator', 'list_image_files',
+    'load_digits_split', 'load_eval_images', 'load_image_folder', 'resolve_source', 'tf_cpu_only',
+    'to_model_range', 'to_uint8', 'validate_data_config',
+]
