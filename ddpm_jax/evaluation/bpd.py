@@ -1,0 +1,146 @@
+"""The negative log-likelihood bound in bits per dimension (DDPM §2 eq. 5, Table 2; iDDPM §3).
+
+L = L_T + sum_{t>=1} L_t + L_0 evaluated over every timestep (no sampling of t): the prior KL L_T,
+the T - 1 Gaussian KL terms and the discretized decoder NLL L_0. `calc_bpd_loop` does it for one
+batch in one compiled loop over t; `dataset_bpd` runs it over a data set in sharded global
+batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from ddpm_jax import data, diffusion, parallel
+from ddpm_jax.sampling.ancestral import model_output
+from ddpm_jax.sampling.loop import ModelFn, per_sample_keys, per_sample_normal
+from ddpm_jax.sampling.sample_fn import make_model_fn
+
+# Per-example outputs of calc_bpd_loop: [B] scalars and [B, T] per-timestep terms.
+SCALAR_TERMS = ('total_bpd', 'prior_bpd')
+PER_T_TERMS = ('vb', 'xstart_mse', 'mse')
+
+
+def _step_noise(key: jax.Array, t: jax.Array, x_start: jax.Array) -> jax.Array:
+  """eps for timestep t from fold_in(key, t); per example from fold_in(key[i], t) if key is [B]."""
+  if key.shape == ():
+    return jax.random.normal(jax.random.fold_in(key, t), x_start.shape, x_start.dtype)
+  return per_sample_normal(key, t, x_start.shape[1:], x_start.dtype)
+
+
+def _check_key(key: jax.Array, batch: int) -> None:
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape not in ((), (batch,)):
+    raise ValueError('calc_bpd_loop: key must be a typed key (jax.random.key) of shape [] or '
+                     f'[B] = [{batch}], got dtype {key.dtype}, shape {key.shape}')
+
+
+def calc_bpd_loop(coefs: diffusion.DiffusionCoefficients, model_fn: ModelFn, x_start: jax.Array,
+                  key: jax.Array, *, clip_denoised: bool = False) -> dict[str, jax.Array]:
+  """Every term of the variational bound for a batch, one `lax.map` over the T timesteps (iDDPM).
+
+  Each term uses its own x_t ~ q(x_t | x_0) (an unbiased estimate of each KL), as the reference
+  code does.
+
+  Args:
+    coefs: diffusion tables (all T steps; not respaced).
+    model_fn: (x_t [B, H, W, C], timestep int32 [B]) -> network output (C or 2C channels).
+    x_start: x_0 [B, H, W, C] on the 256-level grid of [-1, 1] (uint8 / 127.5 - 1).
+    key: typed key []; or [B], one per example, which makes each example's estimate independent of
+      the batch it is in. The noise at t comes from fold_in(key, t).
+    clip_denoised: clip x0_hat to [-1, 1] inside p_theta.
+  Returns:
+    dict of
+      total_bpd [B]: prior_bpd + sum_t vb[:, t], the NLL bound in bits/dim;
+      prior_bpd [B]: L_T = KL(q(x_T | x_0) || N(0, I));
+      vb [B, T]: column t is the term at table index t: the decoder NLL L_0 at t = 0, else the
+        KL L_t between q(x_t | x_{t+1}, x_0) and p_theta(x_t | x_{t+1}) (paper indexing);
+      xstart_mse [B, T]: mean squared error of x0_hat(x_{t+1}) on the [-1, 1] scale;
+      mse [B, T]: mean squared error of the implied eps.
+  """
+  _check_key(key, x_start.shape[0])
+  batch = x_start.shape[0]
+
+  def terms_at(t_index):
+    t = jnp.full((batch,), t_index, jnp.int32)
+    noise = _step_noise(key, t_index, x_start)
+    x_t = diffusion.q_sample(coefs, x_start, t, noise)
+    out = diffusion.vb_terms_bpd(coefs, model_output(coefs, model_fn, x_t, t), x_start, x_t, t,
+                                 clip_denoised=clip_denoised)
+    eps = diffusion.predict_eps_from_xstart(coefs, x_t, t, out['pred_xstart'])
+    return (out['output'], diffusion.mean_flat((out['pred_xstart'] - x_start)**2),
+            diffusion.mean_flat((eps - noise)**2))
+
+  per_t = jax.lax.map(terms_at, jnp.arange(coefs.num_timesteps, dtype=jnp.int32))
+  vb, xstart_mse, mse = (term.T for term in per_t)  # [T, B] -> [B, T]
+  prior = diffusion.prior_bpd(coefs, x_start)
+  return {'total_bpd': jnp.sum(vb, axis=1) + prior, 'prior_bpd': prior, 'vb': vb,
+          'xstart_mse': xstart_mse, 'mse': mse}
+
+
+BpdFn = Callable[[Any, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
+
+
+def make_bpd_fn(coefs: diffusion.DiffusionCoefficients, model: Any, mesh: Mesh, *,
+                clip_denoised: bool) -> BpdFn:
+  """Compiles `bpd_fn(params, base_key, images, indices)` for global batches sharded over `data`.
+
+  images: float32 [B, H, W, C] in [-1, 1]; indices: int32 [B] example indices; example i's noise is
+  drawn from fold_in(base_key, indices[i]), so the result does not depend on the batching.
+  """
+  def bpd(params, base_key, images, indices):
+    keys = per_sample_keys(base_key, indices)
+    return calc_bpd_loop(coefs, make_model_fn(model, params), images, keys,
+                         clip_denoised=clip_denoised)
+
+  replicated, sharded = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
+  return jax.jit(bpd, in_shardings=(replicated, replicated, sharded, sharded),
+                 out_shardings=sharded)
+
+
+def _padded_batch(images: np.ndarray, start: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Examples [start, start + batch_size), the tail past the data set filled with copies of
+  example 0 (valid pixels, masked out later); returns (uint8 images, int32 indices)."""
+  indices = np.arange(start, start + batch_size, dtype=np.int32)
+  rows = np.where(indices < len(images), indices, 0)
+  return images[rows], indices
+
+
+def dataset_bpd(bpd_fn: BpdFn, params: Any, base_key: jax.Array, images: np.ndarray,
+                batch_size: int, mesh: Mesh) -> dict[str, Any]:
+  """Means over a data set of every `calc_bpd_loop` output, each example counted exactly once.
+
+  Args:
+    bpd_fn: from `make_bpd_fn`.
+    params: network parameters, replicated on `mesh`.
+    base_key: typed key; example i uses fold_in(base_key, i).
+    images: uint8 [N, H, W, C], identical on every process.
+    batch_size: global batch (divisible by the device and process counts); the last batch is padded
+      and the padding masked out.
+    mesh: the device mesh.
+  Returns:
+    dict: 'num_examples', 'total_bpd', 'prior_bpd' (floats) and 'vb', 'xstart_mse', 'mse' (float64
+    arrays [T]), all means over the N examples.
+  """
+  num = len(images)
+  if num < 1:
+    raise ValueError('dataset_bpd: the data set is empty')
+  sums: dict[str, Any] = {}
+  for start in range(0, num, batch_size):
+    batch, indices = _padded_batch(images, start, batch_size)
+    local = parallel.process_slice(batch_size)
+    out = bpd_fn(params, base_key, parallel.shard_batch(data.to_model_range(batch[local]), mesh),
+                 parallel.shard_batch(indices[local], mesh))
+    out = parallel.to_host(out)
+    valid = indices < num
+    for name in SCALAR_TERMS + PER_T_TERMS:
+      total = np.asarray(out[name], np.float64)[valid].sum(axis=0)
+      sums[name] = sums.get(name, 0.0) + total
+  means = {name: value / num for name, value in sums.items()}
+  result = {'num_examples': num}
+  result.update({name: float(means[name]) for name in SCALAR_TERMS})
+  result.update({name: means[name] for name in PER_T_TERMS})
+  return result

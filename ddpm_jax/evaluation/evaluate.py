@@ -1,0 +1,242 @@
+"""--mode=eval: the metrics of config.eval.metrics for the latest checkpoint (EMA weights).
+
+  bpd              NLL bound in bits/dim on config.eval.num_examples of data.eval_split and
+                   config.eval.num_train_examples of data.train_split (DDPM Table 2, the
+                   train-test gap); per-t terms, prior and x0 MSE as eval/bpd_<split>.json, .csv.
+  rate_distortion  DDPM §4.3 / Table 4 / Fig. 5 from the same bound terms:
+                   eval/rate_distortion.csv and .png.
+  fid              FID / IS of config.eval.fid_num_samples samples of the sample directory (made
+                   first with `sampling.run.sample` if missing) against the training set.
+  digits_fid       the digits classifier metrics on those samples (data.dataset = 'digits').
+
+Results are merged into <workdir>/eval/metrics.json, saved after every metric; a rerun on the same
+checkpoint skips the metrics already there (and reuses the cached bound terms), so a preempted eval
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from ddpm_jax import data, diffusion, models, parallel
+from ddpm_jax.config import validate_config
+from ddpm_jax.evaluation import bpd as bpd_lib
+from ddpm_jax.evaluation import rate_distortion as rd_lib
+from ddpm_jax.sampling import run as sampling_run
+
+BPD_STREAM = 6  # sub-stream of config.seed for the bound's noise (sampling.run uses 3-5)
+METRICS_FILE = 'metrics.json'
+# The bound is evaluated with x0_hat clipped to [-1, 1], as the reference evaluation scripts do.
+BPD_CLIP_DENOISED = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalContext:
+  """What every metric needs: the config, where to write, and the loaded network."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  eval_dir: str
+  mesh: Mesh
+  params: Any
+  step: int
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _is_writer() -> bool:
+  return jax.process_index() == 0
+
+
+# --- the bound terms of one split, cached on disk -------------------------------------------------
+
+def _terms_path(ctx: EvalContext, split: str) -> str:
+  return os.path.join(ctx.eval_dir, f'terms_{split}.npz')
+
+
+def split_terms(ctx: EvalContext, split: str, num_examples: int) -> dict[str, Any]:
+  """`dataset_bpd` means of the first num_examples images of `split`, cached on disk."""
+  path = _terms_path(ctx, split)
+  if os.path.exists(path):
+    with np.load(path) as f:
+      cached = {k: f[k] for k in f.files}
+    if int(cached['requested']) == num_examples and int(cached['checkpoint_step']) == ctx.step:
+      logging.info('Reusing the bound terms of split %r from %s.', split, path)
+      return _terms_from_npz(cached)
+  config = ctx.config
+  images = data.load_eval_images(config, split, num_examples)
+  coefs = diffusion.coefficients_from_config(config.diffusion)
+  bpd_fn = bpd_lib.make_bpd_fn(coefs, models.create_model(config), ctx.mesh,
+                               clip_denoised=BPD_CLIP_DENOISED)
+  key = sampling_run.stream_key(config, BPD_STREAM)
+  terms = bpd_lib.dataset_bpd(bpd_fn, ctx.params, key, images, config.eval.batch_size, ctx.mesh)
+  if _is_writer():
+    tmp = f'{path}.tmp-{os.getpid()}.npz'
+    np.savez(tmp, requested=num_examples, checkpoint_step=ctx.step, **terms)
+    os.replace(tmp, path)
+  return terms
+
+
+def _terms_from_npz(cached: dict[str, np.ndarray]) -> dict[str, Any]:
+  terms = {'num_examples': int(cached['num_examples'])}
+  terms.update({k: float(cached[k]) for k in bpd_lib.SCALAR_TERMS})
+  terms.update({k: np.asarray(cached[k], np.float64) for k in bpd_lib.PER_T_TERMS})
+  return terms
+
+
+def _write_split_report(ctx: EvalContext, split: str, terms: dict[str, Any]) -> None:
+  """eval/bpd_<split>.json (everything) and eval/bpd_<split>.csv (one row per paper timestep t)."""
+  if not _is_writer():
+    return
+  base = os.path.join(ctx.eval_dir, f'bpd_{split}')
+  _write_json(base + '.json', {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                               for k, v in terms.items()})
+  tmp = f'{base}.csv.tmp-{os.getpid()}'
+  with open(tmp, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(('t', 'vb_bpd', 'xstart_mse', 'eps_mse'))
+    for i, row in enumerate(zip(terms['vb'], terms['xstart_mse'], terms['mse'])):
+      writer.writerow([i + 1] + [f'{v:.8g}' for v in row])
+  os.replace(tmp, base + '.csv')
+
+
+# --- the metrics ----------------------------------------------------------------------------------
+
+def bpd_metric(ctx: EvalContext) -> dict[str, Any]:
+  """NLL bound on the eval split and (if config.eval.num_train_examples > 0) the train split."""
+  c = ctx.config
+  splits = [(c.data.eval_split, c.eval.num_examples)]
+  if c.eval.num_train_examples > 0:
+    splits.append((c.data.train_split, c.eval.num_train_examples))
+  result = {}
+  for split, num in splits:
+    terms = split_terms(ctx, split, num)
+    _write_split_report(ctx, split, terms)
+    result.update({f'{split}_bpd': terms['total_bpd'], f'{split}_prior_bpd': terms['prior_bpd'],
+                   f'{split}_num_examples': terms['num_examples']})
+  if len(splits) == 2:
+    (test, _), (train, _) = splits
+    result['generalization_gap_bpd'] = result[f'{test}_bpd'] - result[f'{train}_bpd']
+  return result
+
+
+def rate_distortion_metric(ctx: EvalContext) -> dict[str, Any]:
+  """DDPM Table 4 / Fig. 5 on the eval split (reusing the bound terms of `bpd`)."""
+  c = ctx.config
+  terms = split_terms(ctx, c.data.eval_split, c.eval.num_examples)
+  curve = rd_lib.rate_distortion_curve(terms['prior_bpd'], terms['vb'], terms['xstart_mse'])
+  csv_path = os.path.join(ctx.eval_dir, 'rate_distortion.csv')
+  png_path = os.path.join(ctx.eval_dir, 'rate_distortion.png')
+  if _is_writer():
+    rd_lib.write_csv(curve, csv_path)
+    rd_lib.plot(curve, png_path)
+  return dict(rd_lib.summary(curve, terms['vb']), csv=csv_path, png=png_path)
+
+
+def eval_samples(ctx: EvalContext, num_samples: int) -> np.ndarray:
+  """uint8 [num_samples, H, W, C] from the sample directory, sampling the missing ones first."""
+  directory = sampling_run.sample_dir(ctx.config, ctx.workdir)
+  try:
+    return sampling_run.load_samples(directory, num_samples)
+  except ValueError:
+    logging.info('Fewer than %d samples in %s: sampling them first.', num_samples, directory)
+  config = ctx.config.copy_and_resolve_references()
+  config.sampling.num_samples = max(num_samples, config.sampling.num_samples)
+  sampling_run.sample(config, ctx.workdir)
+  return sampling_run.load_samples(directory, num_samples)
+
+
+def fid_metric(ctx: EvalContext) -> dict[str, Any]:
+  """FID and IS (DDPM Table 1) of config.eval.fid_num_samples samples against the training set.
+
+  The reference statistics (the first fid_num_samples images of data.train_split, as DDPM's 50k
+  CIFAR10 training images) are computed once and cached in
+  eval/fid_reference_<dataset>_<split>_<n>.npz.
+  """
+  from ddpm_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
+  c = ctx.config
+  num = c.eval.fid_num_samples
+  samples = eval_samples(ctx, num)
+  dataset = ''.join(ch if ch.isalnum() else '_' for ch in c.data.dataset)
+  reference = os.path.join(ctx.eval_dir, f'fid_reference_{dataset}_{c.data.train_split}_{num}.npz')
+  return fid.fid_and_is(samples, reference,
+                        lambda: data.load_eval_images(c, c.data.train_split, num),
+                        weights_path=c.eval.inception_weights, batch_size=c.eval.batch_size)
+
+
+def digits_fid_metric(ctx: EvalContext) -> dict[str, Any]:
+  """The digits classifier metrics (Fréchet distance, IS, ...) of the samples."""
+  from ddpm_jax.evaluation import digits_metric  # pylint: disable=g-import-not-at-top
+  samples = eval_samples(ctx, ctx.config.eval.fid_num_samples)
+  return digits_metric.digits_metrics(samples, os.path.join(ctx.eval_dir, 'digits_cache'))
+
+
+METRICS: dict[str, Callable[[EvalContext], dict[str, Any]]] = {
+    'bpd': bpd_metric,
+    'rate_distortion': rate_distortion_metric,
+    'fid': fid_metric,
+    'digits_fid': digits_fid_metric,
+}
+
+
+def _load_metrics(path: str, step: int) -> dict[str, Any]:
+  """The saved metrics of this checkpoint step; those of another step are stale and dropped."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    saved = json.load(f)
+  if saved.get('checkpoint_step') != step:
+    logging.info('%s belongs to checkpoint step %s, not %d: recomputing.', path,
+                 saved.get('checkpoint_step'), step)
+    return {}
+  return saved
+
+
+def _jsonable(tree: Any) -> Any:
+  if isinstance(tree, dict):
+    return {k: _jsonable(v) for k, v in tree.items()}
+  if isinstance(tree, (np.ndarray, np.generic)):
+    return tree.tolist()
+  return tree
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs config.eval.metrics on the latest checkpoint of `workdir`; returns the merged metrics.
+
+  The dict (also <workdir>/eval/metrics.json) maps each metric name to its results, plus
+  'checkpoint_step'.
+  """
+  parallel.maybe_initialize_distributed(config.training.distributed)
+  mesh = parallel.create_mesh()
+  validate_config(config, num_devices=mesh.devices.size, num_processes=jax.process_count())
+  params, step = sampling_run.load_inference_params(config, workdir, mesh)
+  eval_dir = os.path.join(workdir, 'eval')
+  os.makedirs(eval_dir, exist_ok=True)
+  ctx = EvalContext(config=config, workdir=workdir, eval_dir=eval_dir, mesh=mesh, params=params,
+                    step=step)
+  path = os.path.join(eval_dir, METRICS_FILE)
+  metrics = _load_metrics(path, step)
+  metrics['checkpoint_step'] = step
+  for name in config.eval.metrics:
+    if name in metrics:
+      logging.info('Metric %r is already in %s: skipped.', name, path)
+      continue
+    metrics[name] = _jsonable(METRICS[name](ctx))
+    logging.info('%s: %s', name, metrics[name])
+    if _is_writer():
+      _write_json(path, metrics)
+  return metrics

@@ -1,0 +1,107 @@
+"""The compiled reverse-process loop shared by every sampler, and the per-sample noise feeding it.
+
+Reproducibility contract: sample i of a run owns one key, `keys[i] = fold_in(base_key, i)` with i
+its global index. Everything random about the sample derives from that key alone: x_T from
+`fold_in(keys[i], K)` and the noise of step t (0-based table index, K = number of steps) from
+`fold_in(keys[i], t)`, each drawn per sample under `vmap`. A sample therefore depends neither on
+the other samples of its batch, nor on the batch size, nor on the number of devices.
+
+A sampler is a `step_fn(x_t, t, noise) -> {'sample': x_{t-1}, 'pred_xstart': x0_hat}`
+(x_t [B, H, W, C], t int32 [B], noise [B, H, W, C] ~ N(0, I)); `reverse_loop` runs it for
+t = first_step .. 0 in one `lax.fori_loop`, so a chain of any length is one compiled program.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+StepFn = Callable[[jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def per_sample_keys(base_key: jax.Array, indices: jax.Array) -> jax.Array:
+  """Keys [B], keys[i] = fold_in(base_key, indices[i]); indices: int [B] global sample indices."""
+  return jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices)
+
+
+def per_sample_normal(keys: jax.Array, stream: int | jax.Array, shape: Sequence[int],
+                      dtype=jnp.float32) -> jax.Array:
+  """Standard normal [B, *shape], row i drawn from fold_in(keys[i], stream) alone."""
+  def draw(key):
+    return jax.random.normal(jax.random.fold_in(key, stream), tuple(shape), dtype)
+  return jax.vmap(draw)(keys)
+
+
+def prior_noise(keys: jax.Array, num_steps: int, shape: Sequence[int],
+                dtype=jnp.float32) -> jax.Array:
+  """x_T ~ N(0, I) (DDPM Alg. 2, line 1): [B, *shape], drawn from stream `num_steps` of each key.
+
+  Step noises use streams 0 .. num_steps - 1, so x_T never shares randomness with a step.
+  """
+  return per_sample_normal(keys, num_steps, shape, dtype)
+
+
+def _check_keys(keys: jax.Array, batch: int) -> None:
+  if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) or keys.shape != (batch,):
+    raise ValueError(f'keys must be a typed key array of shape [B] = ({batch},), one key per '
+                     'sample (e.g. per_sample_keys(jax.random.key(seed), indices)); got dtype '
+                     f'{keys.dtype}, shape {keys.shape}')
+
+
+def record_slots(first_step: int, every: int) -> np.ndarray:
+  """int32 [first_step + 1]: the slot where step t is recorded (-1 = not recorded).
+
+  Recorded steps are first_step, first_step - every, ... and always the last step 0, so that the
+  final x0 prediction is the last column (DDPM §4.3 progressive generation).
+  """
+  if every < 1:
+    raise ValueError(f'progressive recording interval must be >= 1 step, got {every}')
+  steps = list(range(first_step, -1, -every))
+  if steps[-1] != 0:
+    steps.append(0)
+  slots = np.full((first_step + 1,), -1, np.int32)
+  slots[steps] = np.arange(len(steps), dtype=np.int32)
+  return slots
+
+
+def reverse_loop(step_fn: StepFn, x_init: jax.Array, keys: jax.Array, first_step: int,
+                 *, record_every: int = 0) -> tuple[jax.Array, jax.Array | None]:
+  """Runs the reverse process from x_{first_step} down to x_0 in one `lax.fori_loop` (DDPM Alg. 2).
+
+  Args:
+    step_fn: one reverse step (see the module docstring).
+    x_init: [B, H, W, C], the state at table index `first_step` (x_T for a full run); its dtype
+      is the dtype of the whole chain.
+    keys: typed keys [B], one per sample; step t's noise comes from fold_in(keys[i], t).
+    first_step: static int, the table index of x_init (K - 1 for a full run over K steps).
+    record_every: if > 0, also return x0_hat at steps first_step, first_step - every, ..., 0.
+  Returns:
+    (x0 [B, H, W, C], records [R, B, H, W, C] or None).
+  """
+  batch, image_shape, dtype = x_init.shape[0], x_init.shape[1:], x_init.dtype
+  _check_keys(keys, batch)
+  if record_every > 0:
+    slots_np = record_slots(first_step, record_every)
+    slots = jnp.asarray(slots_np)
+    records = jnp.zeros((int(slots_np.max()) + 1,) + x_init.shape, dtype)
+  else:
+    slots, records = None, None
+
+  def body(i, carry):
+    x, records = carry
+    t = first_step - i
+    noise = per_sample_normal(keys, t, image_shape, dtype)
+    out = step_fn(x, jnp.full((batch,), t, jnp.int32), noise)
+    if records is not None:
+      slot = slots[t]
+      keep = jnp.maximum(slot, 0)
+      # A masked write instead of lax.cond keeps the loop body branch-free.
+      records = records.at[keep].set(jnp.where(slot >= 0, out['pred_xstart'].astype(dtype),
+                                               records[keep]))
+    return out['sample'].astype(dtype), records
+
+  return jax.lax.fori_loop(0, first_step + 1, body, (x_init, records))

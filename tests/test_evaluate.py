@@ -1,0 +1,90 @@
+"""--mode=eval on a tiny checkpoint: bpd, rate-distortion, digits, FID wiring, safe reruns."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ddpm_jax import data
+from ddpm_jax.evaluation import bpd as bpd_lib
+from ddpm_jax.evaluation import evaluate as evaluate_lib
+from ddpm_jax.evaluation import digits_metric, fid
+import sampling_testutil
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('eval'))
+  sampling_testutil.write_checkpoint(path, sampling_testutil.tiny_config())
+  return path
+
+
+def _config():
+  config = sampling_testutil.tiny_config()
+  config.eval.metrics = ('bpd', 'rate_distortion', 'digits_fid')
+  config.eval.fid_num_samples = 8
+  return config
+
+
+def _fail(*args, **kwargs):
+  raise AssertionError('recomputed a metric that was already saved')
+
+
+def test_evaluate_writes_every_metric_and_skips_saved_ones_on_rerun(workdir, monkeypatch):
+  metrics = evaluate_lib.evaluate(_config(), workdir)
+  eval_dir = os.path.join(workdir, 'eval')
+  with open(os.path.join(eval_dir, 'metrics.json')) as f:
+    assert json.load(f) == metrics
+  assert metrics['checkpoint_step'] == 0
+
+  b = metrics['bpd']
+  assert b['test_num_examples'] == 10 and b['train_num_examples'] == 6
+  assert 0 < b['test_prior_bpd'] < b['test_bpd'] < 50 and np.isfinite(b['train_bpd'])
+  assert b['generalization_gap_bpd'] == pytest.approx(b['test_bpd'] - b['train_bpd'])
+  with open(os.path.join(eval_dir, 'bpd_test.json')) as f:
+    terms = json.load(f)
+  assert len(terms['vb']) == 10
+  assert terms['total_bpd'] == pytest.approx(terms['prior_bpd'] + sum(terms['vb']), rel=1e-6)
+  with open(os.path.join(eval_dir, 'bpd_train.csv')) as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ['t', 'vb_bpd', 'xstart_mse', 'eps_mse'] and len(rows) == 11
+
+  rd = metrics['rate_distortion']
+  assert rd['distortion_bpd'] == pytest.approx(terms['vb'][0], rel=1e-6)
+  assert rd['rate_bpd'] == pytest.approx(terms['total_bpd'] - terms['vb'][0], rel=1e-6)
+  assert rd['rmse'] > 0 and os.path.exists(rd['csv']) and os.path.getsize(rd['png']) > 1000
+
+  d = metrics['digits_fid']
+  assert d['num_samples'] == 8 and np.isfinite(d['frechet_distance'])
+  assert len(os.listdir(os.path.join(workdir, 'samples'))) > 0  # made on demand
+
+  # A rerun (e.g. after preemption) computes nothing that is already saved...
+  monkeypatch.setattr(bpd_lib, 'dataset_bpd', _fail)
+  monkeypatch.setattr(digits_metric, 'digits_metrics', _fail)
+  assert evaluate_lib.evaluate(_config(), workdir) == metrics
+  # ...and a metric lost before it was saved is redone from the cached bound terms.
+  del metrics['rate_distortion']
+  with open(os.path.join(eval_dir, 'metrics.json'), 'w') as f:
+    json.dump(metrics, f)
+  again = evaluate_lib.evaluate(_config(), workdir)
+  assert again['rate_distortion'] == rd
+
+
+def test_fid_metric_feeds_samples_and_training_images(workdir, monkeypatch):
+  seen = {}
+
+  def fake_fid_and_is(samples, reference_path, reference_fn, weights_path=None, batch_size=100):
+    seen.update(samples=samples, reference=reference_fn(), path=reference_path,
+                weights=weights_path, batch_size=batch_size)
+    return {'fid': 1.5, 'inception_score': 2.0, 'inception_score_std': 0.1,
+            'num_samples': len(samples)}
+  monkeypatch.setattr(fid, 'fid_and_is', fake_fid_and_is)
+  config = _config()
+  config.eval.metrics = ('fid',)
+  metrics = evaluate_lib.evaluate(config, workdir)
+  assert metrics['fid']['fid'] == 1.5
+  assert seen['samples'].shape == (8, 8, 8, 1) and seen['samples'].dtype == np.uint8
+  np.testing.assert_array_equal(seen['reference'], data.load_eval_images(config, 'train', 8))
+  assert seen['path'].endswith('fid_reference_digits_train_8.npz') and seen['batch_size'] == 4
