@@ -50,8 +50,8 @@ def validate_diffusion(config: ml_collections.ConfigDict) -> None:
   if not isinstance(d.num_timesteps, int) or d.num_timesteps < 1:
     _fail('diffusion.num_timesteps', d.num_timesteps, 'expected an integer >= 1')
   if d.beta_schedule in ('linear', 'linear_rescaled', 'quad', 'warmup10', 'warmup50', 'const'):
-    if not 0 < d.beta_start <= d.beta_end < 1:
-      _fail('diffusion.beta_start/beta_end', (d.beta_start, d.beta_end), 'expected 0 < beta_start <= beta_end < 1')
+    if not 0 < d.beta_start <= d.beta_end <= 1:
+      _fail('diffusion.beta_start/beta_end', (d.beta_start, d.beta_end), 'expected 0 < beta_start <= beta_end <= 1')
   learned = d.var_type in LEARNED_VARS
   if learned and d.loss_type == 'mse':
     _fail('diffusion.loss_type', d.loss_type,
@@ -69,9 +69,9 @@ def validate_training(config: ml_collections.ConfigDict, num_devices: int | None
   t = config.training
   _check_positive(config, ['training.batch_size', 'training.num_train_steps', 'training.log_every',
                            'training.checkpoint_every', 'training.keep_checkpoints',
-                           'training.num_grid_samples', 'optim.learning_rate', 'sampling.batch_size',
+                           'optim.learning_rate', 'sampling.batch_size',
                            'sampling.num_samples', 'sampling.samples_per_shard', 'eval.batch_size'])
-  _check_positive(config, ['training.sample_every', 'optim.warmup_steps', 'optim.grad_clip',
+  _check_positive(config, ['training.sample_every', 'training.num_grid_samples', 'optim.warmup_steps', 'optim.grad_clip',
                            'optim.weight_decay', 'sampling.ddim_eta', 'eval.num_examples',
                            'eval.num_train_examples', 'eval.fid_num_samples'], allow_zero=True)
   if not 0.0 <= t.ema_decay < 1.0:

@@ -69,7 +69,10 @@ def test_bad_numbers():
 def test_model_and_data_fields_are_checked():
   _bad(lambda c: setattr(c.data, 'image_size', 32), 'data.image_size')
   _bad(lambda c: setattr(c.model, 'dtype', 'float16'), 'model.dtype', 'float16')
-  _bad(lambda c: setattr(c.data, 'dataset', 'image_folder'), 'data.image_folder')
+  def image_folder_without_path(c):
+    c.data.dataset = 'image_folder'
+    c.eval.metrics = ('bpd',)
+  _bad(image_folder_without_path, 'data.image_folder')
 
 
 def test_unknown_metric():

@@ -67,9 +67,9 @@ def _initial_state(config, manager, mesh) -> TrainState:
   if state is not None:
     logging.info('Resuming from the checkpoint at step %d.', int(state.step))
     return state
-  init = jax.jit(create_train_state, static_argnums=0,
+  init = jax.jit(lambda key: create_train_state(config, key),
                  out_shardings=parallel.replicated_sharding(mesh))
-  return init(config, run_key(config, INIT_STREAM))
+  return init(run_key(config, INIT_STREAM))
 
 
 def _check_finite(state: TrainState) -> None:
@@ -158,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         _check_finite(state)
         writer.write_scalars(step, _summarize(buffer))
         buffer = []
-      if (t.sample_every and step % t.sample_every == 0) or (last and t.num_grid_samples):
+      if t.num_grid_samples and ((t.sample_every and step % t.sample_every == 0) or last):
         _check_finite(state)
         path = write_sample_grid(config, model, mesh, state.ema_params, workdir, step)
         logging.info('Wrote EMA samples to %s', path)
