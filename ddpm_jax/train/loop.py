@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from ddpm_jax import checkpoints, data, diffusion, images, models, parallel
+from ddpm_jax import checkpoints, data, diffusion, images, models, parallel, sampling
 from ddpm_jax.config import validate_config
 from ddpm_jax.train.state import TrainState, create_train_state
 from ddpm_jax.train.step import make_train_step
@@ -85,17 +85,14 @@ def _summarize(buffer: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(v) for k, v in parallel.to_host(stacked).items()}
 
 
-def write_sample_grid(config, model, mesh, params, workdir: str, step: int) -> str:
+def write_sample_grid(config, sample_fn, mesh, params, workdir: str, step: int) -> str:
   """EMA samples of fixed noise (the same every time, so grids show progress) as `samples_<step>.png`."""
-  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
-  sample_fn = sampling.make_sample_fn(config, model, mesh)
   n = config.training.num_grid_samples
-  n += (-n) % mesh.devices.size
-  indices = jnp.arange(n, dtype=jnp.int32)
+  indices = np.arange(n + (-n) % mesh.devices.size, dtype=np.int32)
   samples = parallel.to_host(sample_fn(params, run_key(config, GRID_STREAM), indices))
   path = os.path.join(workdir, f'samples_{step}.png')
   if jax.process_index() == 0:
-    images.save_image_grid(data.to_uint8(np.asarray(samples)[:config.training.num_grid_samples]), path)
+    images.save_image_grid(data.to_uint8(np.asarray(samples)[:n]), path)
   return path
 
 
@@ -139,6 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   preemption = _Preemption()
   t = config.training
   buffer: list[dict[str, jax.Array]] = []
+  grid_sample_fn = None
 
   def save(step: int) -> None:
     _check_finite(state)  # never let a NaN state replace the last good checkpoint
@@ -160,7 +158,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         buffer = []
       if t.num_grid_samples and ((t.sample_every and step % t.sample_every == 0) or last):
         _check_finite(state)
-        path = write_sample_grid(config, model, mesh, state.ema_params, workdir, step)
+        if grid_sample_fn is None:  # built once: every grid reuses the compiled sampler
+          grid_sample_fn = sampling.make_sample_fn(config, model, mesh)
+        path = write_sample_grid(config, grid_sample_fn, mesh, state.ema_params, workdir, step)
         logging.info('Wrote EMA samples to %s', path)
       preempted = preemption.requested or manager.reached_preemption(step)
       if step % t.checkpoint_every == 0 or last or preempted:
