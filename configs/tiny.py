@@ -20,6 +20,9 @@ def get_config():
   config.training.ema_decay = 0.9
   config.training.num_grid_samples = 8
   config.training.final_eval = False
+  config.eval.metrics = ('bpd', 'digits_fid')
+  config.sampling.method = 'ancestral'
+  config.sampling.timestep_respacing = ''
   config.sampling.interpolation_t = 10
   config.sampling.num_samples = 16
   config.sampling.batch_size = 8
