@@ -41,7 +41,7 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-im
 from bench import common  # pylint: disable=g-import-not-at-top
 from ddpm_jax import diffusion, models, parallel, sampling  # pylint: disable=g-import-not-at-top
 from ddpm_jax.config import validate_config  # pylint: disable=g-import-not-at-top
-from ddpm_jax.sampling.run import SAMPLE_STREAM, stream_key  # pylint: disable=g-import-not-at-top
+from ddpm_jax.streams import SAMPLE_STREAM, stream_key  # pylint: disable=g-import-not-at-top
 
 common.define_common_flags(flags)
 flags.DEFINE_list('methods', ['ancestral', 'ddim50', 'ddim100', 'respaced50', 'respaced100'],

@@ -38,7 +38,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-mu
 from bench import common  # pylint: disable=g-import-not-at-top
 from ddpm_jax import diffusion, models, parallel  # pylint: disable=g-import-not-at-top
 from ddpm_jax.config import validate_config  # pylint: disable=g-import-not-at-top
-from ddpm_jax.train.loop import INIT_STREAM, TRAIN_STREAM, run_key  # pylint: disable=g-import-not-at-top
+from ddpm_jax.streams import INIT_STREAM, TRAIN_STREAM, stream_key  # pylint: disable=g-import-not-at-top
 from ddpm_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
 from ddpm_jax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
 
@@ -59,12 +59,12 @@ def setup(config: ml_collections.ConfigDict, mesh: Any) -> dict[str, Any]:
   step = jax.jit(make_train_step(config, model, coefs), in_shardings=(repl, batch_sharding, repl),
                  out_shardings=(repl, repl), donate_argnums=(0,))
   init = jax.jit(functools.partial(create_train_state, config), out_shardings=repl)
-  state = init(run_key(config, INIT_STREAM))
+  state = init(stream_key(config, INIT_STREAM))
   c, size = config.data.num_channels, config.data.image_size
   rng = np.random.default_rng(config.seed)
   batch = rng.uniform(-1.0, 1.0, (config.training.batch_size, size, size, c)).astype(np.float32)
   return {'step': step, 'state': state, 'batch': parallel.shard_batch(batch, mesh),
-          'key': jax.device_put(run_key(config, TRAIN_STREAM), repl)}
+          'key': jax.device_put(stream_key(config, TRAIN_STREAM), repl)}
 
 
 def compile_step(setup_: dict[str, Any], events: common.CompileEvents) -> dict[str, Any]:

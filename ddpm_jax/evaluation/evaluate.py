@@ -33,8 +33,8 @@ from ddpm_jax.config import validate_config
 from ddpm_jax.evaluation import bpd as bpd_lib
 from ddpm_jax.evaluation import rate_distortion as rd_lib
 from ddpm_jax.sampling import run as sampling_run
+from ddpm_jax.streams import BPD_STREAM, stream_key
 
-BPD_STREAM = 6  # sub-stream of config.seed for the bound's noise (sampling.run uses 3-5)
 METRICS_FILE = 'metrics.json'
 # The bound is evaluated with x0_hat clipped to [-1, 1], as the reference evaluation scripts do.
 BPD_CLIP_DENOISED = True
@@ -82,7 +82,7 @@ def split_terms(ctx: EvalContext, split: str, num_examples: int) -> dict[str, An
   coefs = diffusion.coefficients_from_config(config.diffusion)
   bpd_fn = bpd_lib.make_bpd_fn(coefs, models.create_model(config), ctx.mesh,
                                clip_denoised=BPD_CLIP_DENOISED)
-  key = sampling_run.stream_key(config, BPD_STREAM)
+  key = stream_key(config, BPD_STREAM)
   terms = bpd_lib.dataset_bpd(bpd_fn, ctx.params, key, images, config.eval.batch_size, ctx.mesh)
   if _is_writer():
     tmp = f'{path}.tmp-{os.getpid()}.npz'

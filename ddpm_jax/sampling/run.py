@@ -25,9 +25,8 @@ from ddpm_jax.sampling import interpolation, progressive as progressive_lib
 from ddpm_jax.sampling.loop import per_sample_keys
 from ddpm_jax.sampling.sample_fn import (image_shape, make_model_fn, make_sample_fn,
                                          sampling_coefficients, step_fn_from_config)
+from ddpm_jax.streams import INTERPOLATION_STREAM, PROGRESSIVE_STREAM, SAMPLE_STREAM, stream_key
 
-# Sub-streams of config.seed (the training loop uses 0-2), one per job, so no two jobs share noise.
-SAMPLE_STREAM, PROGRESSIVE_STREAM, INTERPOLATION_STREAM = 3, 4, 5
 NUM_PROGRESSIVE_ROWS = 8
 NUM_INTERPOLATION_PAIRS = 4
 GRID_SIZE = 64
@@ -35,11 +34,6 @@ META_FILE = 'samples_meta.json'
 # Fields that make two sample sets different; num_samples is not one (a rerun may ask for more).
 _META_FIELDS = ('seed', 'method', 'timestep_respacing', 'ddim_eta', 'clip_denoised', 'use_ema',
                 'samples_per_shard', 'image_shape', 'checkpoint_step')
-
-
-def stream_key(config: ml_collections.ConfigDict, stream: int) -> jax.Array:
-  """The base key of one job: fold_in(key(config.seed), stream)."""
-  return jax.random.fold_in(jax.random.key(config.seed), stream)
 
 
 def sample_dir(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -24,19 +24,14 @@ from clu import metric_writers, periodic_actions
 
 from ddpm_jax import checkpoints, data, diffusion, images, models, parallel, sampling
 from ddpm_jax.config import validate_config
+from ddpm_jax.streams import GRID_STREAM, INIT_STREAM, TRAIN_STREAM, stream_key
 from ddpm_jax.train.state import TrainState, create_train_state
 from ddpm_jax.train.step import make_train_step
 
-# Sub-streams of the run's seed: one key each, so that no two uses ever share randomness.
-INIT_STREAM, TRAIN_STREAM, GRID_STREAM = 0, 1, 2
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss was NaN or inf; nothing from that step on was applied or saved."""
-
-
-def run_key(config: ml_collections.ConfigDict, stream: int) -> jax.Array:
-  return jax.random.fold_in(jax.random.key(config.seed), stream)
 
 
 class _Preemption:
@@ -69,7 +64,7 @@ def _initial_state(config, manager, mesh) -> TrainState:
     return state
   init = jax.jit(lambda key: create_train_state(config, key),
                  out_shardings=parallel.replicated_sharding(mesh))
-  return init(run_key(config, INIT_STREAM))
+  return init(stream_key(config, INIT_STREAM))
 
 
 def _check_finite(state: TrainState) -> None:
@@ -89,7 +84,7 @@ def write_sample_grid(config, sample_fn, mesh, params, workdir: str, step: int) 
   """EMA samples of fixed noise (the same every time, so grids show progress) as `samples_<step>.png`."""
   n = config.training.num_grid_samples
   indices = np.arange(n + (-n) % mesh.devices.size, dtype=np.int32)
-  samples = parallel.to_host(sample_fn(params, run_key(config, GRID_STREAM), indices))
+  samples = parallel.to_host(sample_fn(params, stream_key(config, GRID_STREAM), indices))
   path = os.path.join(workdir, f'samples_{step}.png')
   if jax.process_index() == 0:
     images.save_image_grid(data.to_uint8(np.asarray(samples)[:n]), path)
@@ -128,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_step = jax.jit(make_train_step(config, model, coefs),
                        in_shardings=(repl, batch_sharding, repl), out_shardings=(repl, repl),
                        donate_argnums=(0,))
-  train_key = run_key(config, TRAIN_STREAM)
+  train_key = stream_key(config, TRAIN_STREAM)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,

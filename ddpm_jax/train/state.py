@@ -50,18 +50,10 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
   return optax.chain(optax.clip_by_global_norm(o.grad_clip), opt) if o.grad_clip > 0 else opt
 
 
-def init_params(config: ml_collections.ConfigDict, key: jax.Array) -> Any:
-  """The U-Net's initial parameters for `config` (float32)."""
-  model = models.create_model(config)
-  size, channels = config.data.image_size, config.data.num_channels
-  x = jnp.zeros((1, size, size, channels), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  return model.init({'params': key}, x, t, train=False)['params']
-
-
 def create_train_state(config: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
   """A fresh state; the EMA starts as a copy of the initial weights."""
-  params = init_params(config, key)
+  params = models.init_params(models.create_model(config), key, config.data.image_size,
+                               config.data.num_channels)
   tx = create_optimizer(config)
   sampler_state = None
   if config.training.importance_sampling:
