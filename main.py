@@ -7,6 +7,7 @@
 Any config field can be overridden, e.g. --config.training.batch_size=64.
 """
 
+import logging as py_logging
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -21,6 +22,11 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and sam
 flags.DEFINE_enum('mode', 'train', MODES, 'What to run.')
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
+_QUIET_PACKAGES = (f'{os.sep}orbax{os.sep}',)  # their INFO lines (hundreds of characters per save) bury ours
+
+
+def _quiet_library_info(record: py_logging.LogRecord) -> bool:
+  return record.levelno >= py_logging.WARNING or not any(p in record.pathname for p in _QUIET_PACKAGES)
 
 
 def main(argv):
@@ -31,6 +37,8 @@ def main(argv):
   from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
   from ddpm_jax.config import validate_config  # pylint: disable=g-import-not-at-top
 
+  if FLAGS.verbosity <= logging.INFO:  # --verbosity=1 (debug) shows everything
+    logging.get_absl_handler().addFilter(_quiet_library_info)
   config = FLAGS.config
   parallel.maybe_initialize_distributed(config.training.distributed)
   logging.info('JAX %s: process %d/%d, %d local / %d global devices (%s)', jax.__version__,

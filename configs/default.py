@@ -53,6 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.resamp_with_conv = True
   model.learn_sigma = False      # 2C output channels; required by var_type learned / learned_range
   model.dtype = 'float32'        # computation dtype: float32 | bfloat16 (parameters stay float32)
+  # Kernel of jax.nn.dot_product_attention: None lets JAX choose; 'xla'; 'cudnn' (fused, GPU + bfloat16).
+  model.attn_implementation = ml_collections.config_dict.placeholder(str)
 
   # --- diffusion (DDPM §2-3, iDDPM §3) ---
   config.diffusion = diffusion = ml_collections.ConfigDict()

@@ -2,6 +2,8 @@
 
 A small U-Net sized to train to recognisable digits on a 2-core CPU within minutes; then samples and
 the digits Fréchet distance (classifier features) are reported, so a newcomer sees a number, not only a picture.
+Budget on a 2-core CPU (see README): 2,000 steps at ~7.5 steps/s, then a 100-sample grid and 1,000 samples
+with 100 DDIM steps for the metric; about 7 minutes in all.
 """
 
 from configs import default
@@ -14,7 +16,7 @@ def get_config():
   config.data.num_channels = 1
   config.data.random_flip = False
   config.data.shuffle_buffer = 2_000
-  config.model.ch = 64
+  config.model.ch = 32
   config.model.ch_mult = (1, 2)
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (4,)
@@ -22,12 +24,12 @@ def get_config():
   config.diffusion.num_timesteps = 1000
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 200
-  config.training.batch_size = 128
-  config.training.num_train_steps = 3_000
+  config.training.batch_size = 64
+  config.training.num_train_steps = 2_000
   config.training.ema_decay = 0.995
   config.training.log_every = 250
   config.training.sample_every = 0
-  config.training.checkpoint_every = 1_000
+  config.training.checkpoint_every = 500
   config.training.num_grid_samples = 100
   config.training.final_eval = True
   # 100 DDIM steps keep sampling within the CPU budget (full ancestral: --config.sampling.method=ancestral

@@ -22,6 +22,9 @@ from ddpm_jax.train.state import TrainState, create_train_state
 # Fields of the config that a checkpoint must agree with (everything else may change on resume).
 COMPATIBILITY_FIELDS = ('model', 'diffusion', 'data.image_size', 'data.num_channels',
                         'training.importance_sampling', 'optim.optimizer')
+# Recorded, but free to change between runs: how the network is computed, not what it computes
+# (e.g. train in float32, sample in bfloat16 with cuDNN attention).
+RUNTIME_FIELDS = frozenset({'model.dtype', 'model.attn_implementation'})
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -66,7 +69,8 @@ def check_compatible(saved: dict[str, Any], config: ml_collections.ConfigDict, p
   """Raises ValueError listing every field where `config` differs from the checkpoint's."""
   current, saved = _flatten(compatibility_meta(config)), _flatten(_lists(saved))
   diffs = [f'{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}'
-           for k in sorted(set(current) | set(saved)) if current.get(k) != saved.get(k)]
+           for k in sorted((set(current) | set(saved)) - RUNTIME_FIELDS)
+           if current.get(k) != saved.get(k)]
   if diffs:
     raise ValueError(f'checkpoint {path} was written with a different config; use another --workdir or '
                      'restore the original config. Differences:\n  ' + '\n  '.join(diffs))

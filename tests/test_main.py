@@ -69,3 +69,46 @@ def test_flag_overrides_reach_the_config_and_bad_values_fail_early(tmp_path):
 def test_sampling_an_empty_workdir_says_what_to_do(tmp_path):
   proc = _main(str(tmp_path / 'empty'), '--mode=sample', check=False)
   assert proc.returncode != 0 and 'no checkpoint' in proc.stderr and '--mode=train' in proc.stderr
+
+
+@pytest.mark.slow
+def test_converted_tf_checkpoint_is_sampled_by_main(tmp_path):
+  """The documented path for the official weights: TF checkpoint -> convert CLI -> `main.py --mode=sample`."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  from ddpm_jax import checkpoints, parallel  # pylint: disable=import-outside-toplevel
+  from ddpm_jax.models import convert_tf, create_model, init_params  # pylint: disable=import-outside-toplevel
+
+  config = tiny.get_config()
+  template = init_params(create_model(config), jax.random.key(0), 8, 1)
+  rng = np.random.default_rng(0)
+  raw, ema = (jax.tree_util.tree_map(lambda p: np.asarray(p + 0.05 * rng.standard_normal(p.shape),
+                                                          np.float32), template) for _ in range(2))
+  prefix = convert_tf.save_tf_checkpoint(
+      str(tmp_path / 'tf' / 'model.ckpt-790000'),
+      {**convert_tf.flax_to_tf(raw), **convert_tf.flax_to_tf(ema, use_ema=True),
+       'global_step': np.array(790000, np.int64)})
+  workdir = str(tmp_path / 'converted')
+  convert = [sys.executable, '-m', 'ddpm_jax.convert_tf_checkpoint', f'--tf_checkpoint={prefix}',
+             '--config=configs/tiny.py', f'--workdir={workdir}']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  proc = subprocess.run(convert, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-6000:]
+
+  state = checkpoints.load_for_inference(workdir, config, parallel.create_mesh())
+  for got, want in ((state.params, raw), (state.ema_params, ema)):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(got), want)
+
+  # Converting into a workdir that already holds a checkpoint must not overwrite it.
+  again = subprocess.run(convert, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
+  assert again.returncode != 0 and 'already holds checkpoints' in again.stderr
+
+  _main(workdir, '--mode=sample', '--config.sampling.num_samples=8')
+  shards = [f for f in os.listdir(os.path.join(workdir, 'samples')) if f.endswith('.npz')]
+  assert shards
+  with np.load(os.path.join(workdir, 'samples', shards[0])) as shard:
+    images = next(iter(shard.values()))
+  assert images.dtype == np.uint8 and images.shape == (8, 8, 8, 1) and images.std() > 0

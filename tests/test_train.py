@@ -78,6 +78,11 @@ def test_resume_with_another_model_is_a_clear_error(tmp_path):
   _run(tmp_path, 'run', 2)
   with pytest.raises(ValueError, match=r'model\.ch: checkpoint has 32, config has 64'):
     _run(tmp_path, 'run', 4, model__ch=64)
+  # How the network is computed may change (float32 training, bfloat16 sampling); what it is may not.
+  config, _ = _run(tmp_path, 'run', 2)
+  config.model.dtype = 'bfloat16'
+  state = checkpoints.load_for_inference(str(tmp_path / 'run'), config, parallel.create_mesh())
+  assert int(state.step) == 2
 
 
 class _Batches:

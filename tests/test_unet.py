@@ -259,6 +259,7 @@ def test_avg_pool_resampling_variant():
     ('model', 'dropout', 1.0, 'config.model.dropout=1.0'),
     ('model', 'name', 'transformer', "config.model.name='transformer'"),
     ('data', 'num_channels', 0, 'config.data.num_channels=0'),
+    ('model', 'attn_implementation', 'flash', "config.model.attn_implementation='flash'"),
 ])
 def test_bad_configs_raise_errors_naming_the_field(section, field, value, message):
   config = cifar10.get_config()
@@ -267,6 +268,19 @@ def test_bad_configs_raise_errors_naming_the_field(section, field, value, messag
     validate_model_config(config)
   with pytest.raises(ValueError):
     create_model(config)
+
+
+def test_attn_implementation_reaches_the_model_and_cudnn_is_checked_early():
+  config = tiny_config()
+  config.model.attn_implementation = 'xla'
+  assert create_model(config).attn_implementation == 'xla'
+  config.model.attn_implementation = 'cudnn'
+  with pytest.raises(ValueError, match="attn_implementation='cudnn'.*model.dtype='bfloat16'"):
+    validate_model_config(config)
+  config.model.dtype = 'bfloat16'
+  if jax.default_backend() != 'gpu':
+    with pytest.raises(ValueError, match="'cudnn' needs a CUDA GPU"):
+      validate_model_config(config)
 
 
 def test_default_configs_are_valid():

@@ -31,6 +31,7 @@ from ddpm_jax.models import layers
 Array = jax.Array
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+ATTN_IMPLEMENTATIONS = (None, 'xla', 'cudnn')
 
 
 class DownLevel(nn.Module):
@@ -207,6 +208,23 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
   for field in ('scale_shift_norm', 'resamp_with_conv', 'learn_sigma'):
     if not isinstance(m[field], bool):
       _fail(f'model.{field}', m[field], 'must be True or False')
+  _validate_attn_implementation(m)
+
+
+def _validate_attn_implementation(m: ml_collections.ConfigDict) -> None:
+  impl = m.get('attn_implementation')
+  if impl not in ATTN_IMPLEMENTATIONS:
+    _fail('model.attn_implementation', impl, f'allowed: {ATTN_IMPLEMENTATIONS}')
+  if impl == 'cudnn':
+    # cuDNN's fused attention exists only on CUDA GPUs and only for 16-bit inputs; failing here
+    # beats an error from deep inside the first compilation.
+    if m.dtype != 'bfloat16':
+      _fail('model.attn_implementation', impl, "'cudnn' needs model.dtype='bfloat16' "
+            f'(got {m.dtype!r}); use None or \'xla\' for float32')
+    if jax.default_backend() != 'gpu':
+      _fail('model.attn_implementation', impl,
+            f"'cudnn' needs a CUDA GPU; this process runs on {jax.default_backend()!r} "
+            "(use None or 'xla')")
 
 
 def _validate_attention(m: ml_collections.ConfigDict, image_size: int,
@@ -240,7 +258,8 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
   return UNet(ch=m.ch, out_ch=out_ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
               attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
               scale_shift_norm=m.scale_shift_norm, dropout=float(m.dropout),
-              resamp_with_conv=m.resamp_with_conv, dtype=DTYPES[m.dtype])
+              resamp_with_conv=m.resamp_with_conv, dtype=DTYPES[m.dtype],
+              attn_implementation=m.get('attn_implementation'))
 
 
 @functools.lru_cache(maxsize=16)
