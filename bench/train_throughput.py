@@ -19,6 +19,7 @@ CPU (where device memory is host memory, device->host copies are not guarded).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -46,6 +47,9 @@ common.define_common_flags(flags)
 flags.DEFINE_integer('windows', 5, 'Timed windows (>= 5 for a benchmark; fewer is a smoke run).')
 flags.DEFINE_integer('steps_per_window', 10, 'Train steps per timed window.')
 flags.DEFINE_integer('warmup_steps', 3, 'Untimed steps after compilation (>= 1).')
+flags.DEFINE_string('profile_dir', None,
+                    'If set, one more window (not timed) runs under jax.profiler.trace and writes a '
+                    'TensorBoard / Perfetto trace here.')
 FLAGS = flags.FLAGS
 
 MIN_WINDOWS = 5
@@ -86,12 +90,20 @@ def compile_step(setup_: dict[str, Any], events: common.CompileEvents) -> dict[s
   return out
 
 
-def run_steps(setup_: dict[str, Any], num_steps: int) -> None:
+def run_steps(setup_: dict[str, Any], num_steps: int, annotate: bool = False) -> None:
   """`num_steps` train steps, then waits for the state; fetches nothing (metrics are dropped)."""
   state = setup_['state']
-  for _ in range(num_steps):
-    state, _ = setup_['step'](state, setup_['batch'], setup_['key'])
+  for i in range(num_steps):
+    with jax.profiler.StepTraceAnnotation('train', step_num=i) if annotate else contextlib.nullcontext():
+      state, _ = setup_['step'](state, setup_['batch'], setup_['key'])
   setup_['state'] = jax.block_until_ready(state)
+
+
+def profile_window(setup_: dict[str, Any], steps: int, profile_dir: str) -> None:
+  """One untimed window under the profiler (view: tensorboard --logdir, or ui.perfetto.dev)."""
+  with jax.profiler.trace(profile_dir):
+    run_steps(setup_, steps, annotate=True)
+  logging.info('Wrote a profiler trace of %d steps to %s', steps, profile_dir)
 
 
 def timed_windows(setup_: dict[str, Any], windows: int, steps_per_window: int) -> list[float]:
@@ -123,7 +135,7 @@ def figures(seconds: list[float], steps_per_window: int, batch_size: int,
 
 
 def benchmark(config: ml_collections.ConfigDict, windows: int, steps_per_window: int,
-              warmup_steps: int) -> dict[str, Any]:
+              warmup_steps: int, profile_dir: str | None = None) -> dict[str, Any]:
   """Compiles, warms up and times the train step for `config`; returns the figures."""
   if warmup_steps < 1 or steps_per_window < 1 or windows < 1:
     raise ValueError('--warmup_steps, --steps_per_window and --windows must be >= 1')
@@ -142,8 +154,12 @@ def benchmark(config: ml_collections.ConfigDict, windows: int, steps_per_window:
   result['recompiles'] = events.compiles_since(mark)  # XLA compilations inside the timed windows
   result['jit_cache_size'] = common.cache_size(setup_['step'])  # 1: one executable for every step
   result['host_transfers_in_timed_loop'] = common.transfer_guard_note()
+  profiled = 0
+  if profile_dir:
+    profile_window(setup_, steps_per_window, profile_dir)
+    profiled, result['profile_dir'] = steps_per_window, profile_dir
   steps_done = int(jax.device_get(setup_['state'].step))
-  if steps_done != warmup_steps + windows * steps_per_window:
+  if steps_done != warmup_steps + windows * steps_per_window + profiled:
     raise AssertionError(f'state.step={steps_done}: not every dispatched step ran')
   result.update(figures(seconds, steps_per_window, config.training.batch_size,
                         result['flops_per_step_per_device'], config.model.dtype, num_devices))
@@ -183,7 +199,8 @@ def main(argv: list[str]) -> None:
   if FLAGS.windows < MIN_WINDOWS:
     logging.warning('--windows=%d < %d: a smoke run, not a benchmark.', FLAGS.windows, MIN_WINDOWS)
     record['note'] = f'smoke run: {FLAGS.windows} < {MIN_WINDOWS} windows'
-  record.update(benchmark(config, FLAGS.windows, FLAGS.steps_per_window, FLAGS.warmup_steps))
+  record.update(benchmark(config, FLAGS.windows, FLAGS.steps_per_window, FLAGS.warmup_steps,
+                          FLAGS.profile_dir))
   record['machine']['load_average_1m_at_end'] = round(os.getloadavg()[0], 2)
   common.write_json(record, FLAGS.out)
   print(markdown(record))

@@ -49,8 +49,12 @@ def _check_markdown(stdout: str, rows: int) -> None:
 
 @pytest.mark.slow
 def test_train_throughput_tiny(tmp_path):
+  profile_dir = tmp_path / 'trace'
   record, stdout = _run('train_throughput.py', ['--windows=2', '--steps_per_window=2', '--warmup_steps=1',
-                                                '--batch_size=8'], str(tmp_path / 'train.json'))
+                                                '--batch_size=8', f'--profile_dir={profile_dir}'],
+                        str(tmp_path / 'train.json'))
+  traces = [f for _, _, files in os.walk(profile_dir) for f in files if '.xplane.pb' in f]
+  assert record['profile_dir'] == str(profile_dir) and traces, list(os.walk(profile_dir))
   for key in META_KEYS + ('lower_s', 'compile_s', 'steps_per_s', 'images_per_s', 'flops_per_step',
                           'achieved_tflops', 'mfu', 'recompiles', 'jit_cache_size', 'window_s'):
     assert key in record, key

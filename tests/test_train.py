@@ -85,6 +85,12 @@ def test_resume_with_another_model_is_a_clear_error(tmp_path):
   assert int(state.step) == 2
 
 
+def test_data_states_are_pruned_with_their_checkpoints(tmp_path):
+  _run(tmp_path, 'run', 6, training__keep_checkpoints=1)
+  assert checkpoints.create_manager(str(tmp_path / 'run')).all_steps() == [6]
+  assert os.listdir(tmp_path / 'run' / 'data_state') == ['6']
+
+
 class _Batches:
   """Digits batches like the real pipeline, with a hook called before batch number `at` (1-based)."""
 

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
 from ddpm_jax import data, diffusion, parallel
@@ -139,6 +140,8 @@ def dataset_bpd(bpd_fn: BpdFn, params: Any, base_key: jax.Array, images: np.ndar
     for name in SCALAR_TERMS + PER_T_TERMS:
       total = np.asarray(out[name], np.float64)[valid].sum(axis=0)
       sums[name] = sums.get(name, 0.0) + total
+    done = min(start + batch_size, num)
+    logging.info('bits/dim: %d/%d examples, running mean %.4f', done, num, sums['total_bpd'] / done)
   means = {name: value / num for name, value in sums.items()}
   result = {'num_examples': num}
   result.update({name: float(means[name]) for name in SCALAR_TERMS})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import threading
 from typing import Any, Iterator
@@ -56,6 +57,22 @@ class _Preemption:
 
 def _data_state_dir(workdir: str, step: int) -> str:
   return os.path.join(workdir, 'data_state', str(step), f'process_{jax.process_index()}')
+
+
+def _prune_data_states(workdir: str, keep: set[int]) -> None:
+  """Drops this process's data-stream states of checkpoints orbax has deleted (`training.keep_checkpoints`).
+
+  A tf.data state holds the shuffle buffer (tens of MB for CIFAR10), so keeping one per checkpoint
+  ever written would fill the disk over a long run.
+  """
+  root = os.path.join(workdir, 'data_state')
+  for name in os.listdir(root) if os.path.isdir(root) else []:
+    if name.isdigit() and int(name) not in keep:
+      shutil.rmtree(_data_state_dir(workdir, int(name)), ignore_errors=True)
+      try:
+        os.rmdir(os.path.join(root, name))  # other processes' states may still be there
+      except OSError:
+        pass
 
 
 def _initial_state(config, manager, mesh) -> TrainState:
@@ -146,6 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpoints.save(manager, state, config)
     if hasattr(data_iterator, 'save_state'):
       data_iterator.save_state(_data_state_dir(workdir, step))
+      _prune_data_states(workdir, keep=set(manager.all_steps()) | {step})
 
   try:
     for step in range(start_step + 1, num_steps + 1):
