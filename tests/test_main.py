@@ -11,13 +11,17 @@ import pytest
 from conftest import REPO_ROOT
 
 
-def _main(workdir, *args, check=True):
+def _python(*args, check=True):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-  cmd = [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={workdir}', *args]
+  cmd = [sys.executable, *args]
   proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
   if check and proc.returncode != 0:
     raise AssertionError(f'{" ".join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}')
   return proc
+
+
+def _main(workdir, *args, check=True):
+  return _python('main.py', '--config=configs/tiny.py', f'--workdir={workdir}', *args, check=check)
 
 
 @pytest.mark.slow
@@ -79,31 +83,26 @@ def test_converted_tf_checkpoint_is_sampled_by_main(tmp_path):
   from configs import tiny  # pylint: disable=import-outside-toplevel
   from ddpm_jax import checkpoints, parallel  # pylint: disable=import-outside-toplevel
   from ddpm_jax.models import convert_tf, create_model, init_params  # pylint: disable=import-outside-toplevel
+  from test_convert_tf import randomize  # pylint: disable=import-outside-toplevel
 
   config = tiny.get_config()
   template = init_params(create_model(config), jax.random.key(0), 8, 1)
-  rng = np.random.default_rng(0)
-  raw, ema = (jax.tree_util.tree_map(lambda p: np.asarray(p + 0.05 * rng.standard_normal(p.shape),
-                                                          np.float32), template) for _ in range(2))
+  raw, ema = randomize(template, 1), randomize(template, 2)
   prefix = convert_tf.save_tf_checkpoint(
       str(tmp_path / 'tf' / 'model.ckpt-790000'),
       {**convert_tf.flax_to_tf(raw), **convert_tf.flax_to_tf(ema, use_ema=True),
        'global_step': np.array(790000, np.int64)})
   workdir = str(tmp_path / 'converted')
-  convert = [sys.executable, '-m', 'ddpm_jax.convert_tf_checkpoint', f'--tf_checkpoint={prefix}',
-             '--config=configs/tiny.py', f'--workdir={workdir}']
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-  proc = subprocess.run(convert, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
-                        check=False)
-  assert proc.returncode == 0, proc.stderr[-6000:]
+  convert = ['-m', 'ddpm_jax.convert_tf_checkpoint', f'--tf_checkpoint={prefix}', '--config=configs/tiny.py',
+             f'--workdir={workdir}']
+  _python(*convert)
 
   state = checkpoints.load_for_inference(workdir, config, parallel.create_mesh())
   for got, want in ((state.params, raw), (state.ema_params, ema)):
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(got), want)
 
   # Converting into a workdir that already holds a checkpoint must not overwrite it.
-  again = subprocess.run(convert, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
-                         check=False)
+  again = _python(*convert, check=False)
   assert again.returncode != 0 and 'already holds checkpoints' in again.stderr
 
   _main(workdir, '--mode=sample', '--config.sampling.num_samples=8')

@@ -9,13 +9,14 @@ to an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
 import signal
 import threading
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,6 @@ from ddpm_jax.config import validate_config
 from ddpm_jax.streams import GRID_STREAM, INIT_STREAM, TRAIN_STREAM, stream_key
 from ddpm_jax.train.state import TrainState, create_train_state
 from ddpm_jax.train.step import make_train_step
-
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,10 +69,8 @@ def _prune_data_states(workdir: str, keep: set[int]) -> None:
   for name in os.listdir(root) if os.path.isdir(root) else []:
     if name.isdigit() and int(name) not in keep:
       shutil.rmtree(_data_state_dir(workdir, int(name)), ignore_errors=True)
-      try:
-        os.rmdir(os.path.join(root, name))  # other processes' states may still be there
-      except OSError:
-        pass
+      with contextlib.suppress(OSError):  # other processes' states may still be there
+        os.rmdir(os.path.join(root, name))
 
 
 def _initial_state(config, manager, mesh) -> TrainState:
