@@ -1,5 +1,6 @@
 """Training: the pure step's pieces, exact resume, preemption, NaN handling, 1 vs 8 devices, 2 processes."""
 
+import collections
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ import pytest
 
 from conftest import REPO_ROOT, run_with_devices
 from configs import tiny
-from ddpm_jax import checkpoints, data, parallel
+from ddpm_jax import checkpoints, data, diffusion, models, parallel
 from ddpm_jax.train import loop, state as state_lib, step as step_lib
 
 
@@ -50,6 +51,52 @@ def test_learning_rate_warms_up_linearly_then_stays():
   assert float(schedule(0)) == 0.0
   np.testing.assert_allclose(float(schedule(5)), lr / 2, rtol=1e-6)
   np.testing.assert_allclose([float(schedule(10)), float(schedule(10_000))], [lr, lr], rtol=1e-6)
+
+
+def _equations(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs nested in it (jit, custom_vjp, scan bodies...)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from _equations(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from _equations(sub)
+
+
+def _matmul_dtypes(dtype):
+  """(primitive, operand dtypes, result dtype) -> count over the whole train step (forward + backward)."""
+  config = tiny.get_config()
+  config.model.dtype = dtype
+  model = models.create_model(config)
+  train_step = step_lib.make_train_step(config, model,
+                                        diffusion.coefficients_from_config(config.diffusion))
+  state = jax.eval_shape(lambda key: state_lib.create_train_state(config, key), jax.random.key(0))
+  batch = jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32)
+  jaxpr = jax.make_jaxpr(train_step)(state, batch, jax.random.key(0)).jaxpr
+  return collections.Counter(
+      (eqn.primitive.name, tuple(str(v.aval.dtype) for v in eqn.invars), str(eqn.outvars[0].aval.dtype))
+      for eqn in _equations(jaxpr) if eqn.primitive.name in ('conv_general_dilated', 'dot_general'))
+
+
+def test_bfloat16_train_step_has_no_float32_matmul_islands():
+  """Mixed precision as layers.py states it: every convolution and matmul of the bf16 step is bf16
+  except the float32 output head and time-embedding MLP (a dense layer left in float32 would run
+  its forward and both gradients on the slow path; on an H100 that is TF32 at half the bf16 rate)."""
+  f32, bf16 = 'float32', 'bfloat16'
+  full = _matmul_dtypes(f32)
+  convs = full.pop(('conv_general_dilated', (f32, f32), f32))
+  assert set(full) == {('dot_general', (f32, f32), f32)}  # float32 mode: all float32
+  mixed = _matmul_dtypes(bf16)
+  # conv_out: forward, input gradient, kernel gradient.
+  assert mixed.pop(('conv_general_dilated', (f32, f32), f32)) == 3
+  assert mixed.pop(('conv_general_dilated', (bf16, bf16), bf16)) == convs - 3
+  # temb dense0 (forward, kernel gradient) and dense1 (forward, input and kernel gradients).
+  assert mixed.pop(('dot_general', (f32, f32), f32)) == 5
+  # What is left has bf16 operands: the layers themselves, and float32-accumulated attention logits
+  # and their gradients (the softmax is computed in float32).
+  assert mixed and all(bf16 in operands for _, operands, _ in mixed), mixed
 
 
 def _run(tmp_path, name, steps, **overrides):
