@@ -44,6 +44,15 @@ _PEAK_TFLOPS = (
 )
 
 
+# Peak memory bandwidth per device in TB/s (datasheets: H100 SXM 3.35, H100 PCIe 2.0, H200 4.8, A100 80GB
+# 2.04 / 40GB 1.555; Cloud TPU pages: v3 900 GB/s per chip of 2 devices, v4 1.2, v5e 0.82, v5p 2.77).
+# Order matters: the first matching substring wins.
+_PEAK_BANDWIDTH_TB_S = (
+    ('h100 pcie', 2.0), ('h100', 3.35), ('h200', 4.8), ('a100-sxm4-80gb', 2.04), ('a100 80gb', 2.04),
+    ('a100', 1.555), ('tpu v3', 0.45), ('tpu v4', 1.2), ('tpu v5 lite', 0.82), ('tpu v5e', 0.82),
+    ('tpu v5', 2.77),
+)
+
 def define_common_flags(flags_module: Any) -> None:
   """The flags both scripts take: --config (with --config.x.y=... overrides), --batch_size, --dtype, --out."""
   config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.', lock_config=True)
@@ -105,6 +114,15 @@ def peak_tflops(device_kind: str, dtype: str) -> tuple[float | None, str]:
         return bf16, f'{device_kind}: bf16 dense peak {bf16:g} TFLOP/s per device'
       return fp32, f'{device_kind}: {fp32_label}, {fp32:g} TFLOP/s per device'
   return None, f'no peak FLOP/s known for device kind {device_kind!r} (CPU or unlisted): MFU not computed'
+
+
+def peak_bandwidth(device_kind: str) -> tuple[float | None, str]:
+  """Datasheet memory bandwidth of one device in TB/s, and a note (None for CPUs and unlisted kinds)."""
+  kind = device_kind.lower()
+  for key, value in _PEAK_BANDWIDTH_TB_S:
+    if key in kind:
+      return value, f'{device_kind}: datasheet memory bandwidth {value:g} TB/s per device'
+  return None, f'no memory bandwidth known for device kind {device_kind!r}: no roofline floor'
 
 
 def mfu(flops_per_s: float | None, device_kind: str, dtype: str, num_devices: int) -> dict[str, Any]:

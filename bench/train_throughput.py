@@ -3,9 +3,10 @@ r"""Training throughput of the DDPM train step on all local devices.
   python bench/train_throughput.py --config=configs/cifar10.py --batch_size=128 --dtype=bfloat16 \
       --windows=10 --steps_per_window=20 --warmup_steps=5 --out=/tmp/train_cifar10_bf16.json
 
-What is timed is exactly what `ddpm_jax.train.loop` runs: `jax.jit(make_train_step(...))` with the state
-replicated, the batch sharded over the `data` axis of the mesh and the state donated. The data pipeline is
-not: one random batch in [-1, 1] stays on the devices (the loop prefetches, so it is off the critical path).
+What is timed is exactly what `ddpm_jax.train.loop` runs: `ddpm_jax.train.step.jit_train_step`, with the
+state replicated, the batch sharded over the `data` axis of the mesh and the state donated. The data
+pipeline is not: one random batch in [-1, 1] stays on the devices (the loop prefetches, so it is off the
+critical path).
 
 Reported: trace / lower / XLA-compile times of the step (ahead of time, separately); steps/s and images/s
 (median and min/max over `--windows` windows after `--warmup_steps` steps, each window ending with
@@ -41,7 +42,7 @@ from ddpm_jax import diffusion, models, parallel  # pylint: disable=g-import-not
 from ddpm_jax.config import validate_config  # pylint: disable=g-import-not-at-top
 from ddpm_jax.streams import INIT_STREAM, TRAIN_STREAM, stream_key  # pylint: disable=g-import-not-at-top
 from ddpm_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
-from ddpm_jax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
+from ddpm_jax.train.step import jit_train_step  # pylint: disable=g-import-not-at-top
 
 common.define_common_flags(flags)
 flags.DEFINE_integer('windows', 5, 'Timed windows (>= 5 for a benchmark; fewer is a smoke run).')
@@ -57,11 +58,9 @@ MIN_WINDOWS = 5
 
 def setup(config: ml_collections.ConfigDict, mesh: Any) -> dict[str, Any]:
   """The jitted step (as the training loop builds it) and its device-resident inputs."""
-  repl, batch_sharding = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
+  repl = parallel.replicated_sharding(mesh)
   model = models.create_model(config)
-  coefs = diffusion.coefficients_from_config(config.diffusion)
-  step = jax.jit(make_train_step(config, model, coefs), in_shardings=(repl, batch_sharding, repl),
-                 out_shardings=(repl, repl), donate_argnums=(0,))
+  step = jit_train_step(config, model, diffusion.coefficients_from_config(config.diffusion), mesh)
   init = jax.jit(functools.partial(create_train_state, config), out_shardings=repl)
   state = init(stream_key(config, INIT_STREAM))
   c, size = config.data.num_channels, config.data.image_size

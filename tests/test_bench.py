@@ -12,16 +12,19 @@ from typing import Any
 import pytest
 
 from conftest import REPO_ROOT
-from bench import common
+from bench import common, hlo_kernels
 
 TINY = ['--config=configs/tiny.py']
 META_KEYS = ('date', 'command', 'config', 'machine', 'devices', 'versions', 'batch_size', 'dtype',
-             'num_params', 'peak_memory_bytes', 'peak_memory_source')
+             'num_params', 'peak_memory_bytes', 'peak_memory_source')  # the last two: timed runs only
 
 
-def _run(script: str, args: list[str], out: str) -> tuple[dict[str, Any], str]:
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-  env.pop('XLA_FLAGS', None)
+def _run(script: str, args: list[str], out: str, env: dict[str, str] | None = None
+         ) -> tuple[dict[str, Any], str]:
+  full_env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  full_env.pop('XLA_FLAGS', None)
+  full_env.update(env or {})
+  env = {k: v for k, v in full_env.items() if v}  # an empty value removes the variable
   proc = subprocess.run([sys.executable, os.path.join('bench', script), *TINY, *args, f'--out={out}'],
                         capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=900, check=False)
   assert proc.returncode == 0, f'STDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}'
@@ -118,3 +121,110 @@ def test_summary_and_markdown_table():
   table = common.markdown_table(['a', 'b'], [['1', '2']])
   assert table.splitlines() == ['| a | b |', '|---|---|', '| 1 | 2 |']
   assert common.fmt(None) == 'n/a'
+
+
+# An optimized GPU module in the form XLA prints it (shapes with layouts, tuple results, metadata).
+_HLO = """HloModule jit_step, is_scheduled=true
+
+%fused_add (p0: f32[4,8], p1: f32[4,8]) -> f32[4,8] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[4,8]{1,0} parameter(1)
+  ROOT %add.1 = f32[4,8]{1,0} add(%p0, %p1)
+}
+
+ENTRY %main.9 (Arg_0.1: f32[4,8], Arg_1.2: bf16[3,3,8,16]) -> (f32[4,8], bf16[2,4,4,16]) {
+  %Arg_0.1 = f32[4,8]{1,0} parameter(0), metadata={op_name="x"}
+  %Arg_1.2 = bf16[3,3,8,16]{3,2,1,0} parameter(1)
+  %loop_add_fusion = f32[4,8]{1,0} fusion(%Arg_0.1, %Arg_0.1), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/transpose(jvp(UNet))/up_1/block_2/norm1/add_any"}
+  %copy.3 = bf16[3,3,8,16]{0,1,2,3} copy(%Arg_1.2)
+  %conv = (bf16[2,4,4,16]{3,2,1,0}, u8[0]{0}) custom-call(%copy.3, %copy.3), custom_call_target="__cudnn$convForward", metadata={op_name="jit(step)/jvp(UNet)/down_0/block_0/conv1/conv_general_dilated"}
+  %get-tuple-element.4 = bf16[2,4,4,16]{3,2,1,0} get-tuple-element(%conv), index=0
+  ROOT %tuple.5 = (f32[4,8]{1,0}, bf16[2,4,4,16]{3,2,1,0}) tuple(%loop_add_fusion, %get-tuple-element.4)
+}
+"""
+
+
+def test_hlo_kernels_reads_the_entry_computation():
+  kernels = hlo_kernels.entry_kernels(_HLO)
+  f32_4x8, weights, conv_out = 4 * 8 * 4, 3 * 3 * 8 * 16 * 2, 2 * 4 * 4 * 16 * 2
+  assert kernels == [
+      hlo_kernels.Kernel('fusion:kLoop', 2 * f32_4x8, f32_4x8,
+                         'jit(step)/transpose(jvp(UNet))/up_1/block_2/norm1/add_any'),
+      hlo_kernels.Kernel('copy', weights, weights, ''),
+      hlo_kernels.Kernel('__cudnn$convForward', 2 * weights, conv_out,
+                         'jit(step)/jvp(UNet)/down_0/block_0/conv1/conv_general_dilated')]
+  assert [hlo_kernels.is_matmul(k.kind) for k in kernels] == [False, False, True]
+  assert hlo_kernels.source(kernels[0].op_name) == 'grad:up/block/norm1/add_any'
+  assert hlo_kernels.category(kernels[0]) == 'memory: GroupNorm'
+  assert hlo_kernels.category(kernels[2]) == 'matmul: rest of the network'
+  assert hlo_kernels.shape_bytes('(f32[2,3]{1,0}, bf16[5]{0}, u8[0]{0})') == 24 + 10
+  with pytest.raises(ValueError, match='no ENTRY'):
+    hlo_kernels.entry_kernels('HloModule m')
+
+
+def test_roofline_floor_adds_memory_bound_kernels_to_the_matmuls():
+  kernels = [hlo_kernels.Kernel('fusion:kLoop', 300, 100, ''),
+             hlo_kernels.Kernel('__cublas$lt$matmul', 50, 50, '')]
+  compute_bound = hlo_kernels.roofline_floor(kernels, flops=1000.0, peak_flops=10.0, bandwidth=100.0)
+  assert compute_bound['other_bytes'] == 400 and compute_bound['matmul_bytes'] == 100
+  assert math.isclose(compute_bound['floor_s'], 400 / 100 + 1000 / 10)
+  memory_bound = hlo_kernels.roofline_floor(kernels, flops=1.0, peak_flops=10.0, bandwidth=100.0)
+  assert math.isclose(memory_bound['floor_s'], 400 / 100 + 100 / 100)
+
+
+def test_bandwidth_table():
+  assert common.peak_bandwidth('NVIDIA H100 80GB HBM3')[0] == 3.35
+  assert common.peak_bandwidth('NVIDIA H100 PCIe')[0] == 2.0
+  assert common.peak_bandwidth('NVIDIA H200')[0] == 4.8
+  assert common.peak_bandwidth('cpu')[0] is None
+
+
+def _check_compile_report(record: dict[str, Any]) -> None:
+  for key in META_KEYS[:-2] + ('what', 'target_device_kind', 'lower_s', 'compile_s', 'flops', 'kernels',
+                          'by_kind', 'by_category', 'top_memory_bound_sources', 'floor'):
+    assert key in record, key
+  assert _positive(record['flops']) and record['kernels'] > 10
+  assert sum(c['kernels'] for c in record['by_category']) == record['kernels']
+  assert sum(k['kernels'] for k in record['by_kind']) == record['kernels']
+  assert {c['name'] for c in record['by_category']} >= {'memory: GroupNorm', 'memory: rest of the network'}
+
+
+@pytest.mark.slow
+def test_compile_report_tiny_on_the_local_cpu(tmp_path):
+  record, stdout = _run('compile_report.py', ['--what=train', '--batch_size=8', '--target=local'],
+                        str(tmp_path / 'report.json'))
+  _check_compile_report(record)
+  assert record['target_device_kind'] == 'cpu' and record['floor'] is None  # no datasheet peaks
+  assert record['compiled_memory_bytes']['arguments'] > 4 * record['num_params']  # params, EMA, Adam
+  assert 'configs/tiny.py | train | float32 | 8 | cpu' in stdout
+
+
+def test_compile_report_names_a_missing_target(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, 'bench/compile_report.py', *TINY, '--target=no/such.txtpb'],
+                        capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600, check=False)
+  assert proc.returncode != 0 and "--target='no/such.txtpb'" in proc.stderr, proc.stderr[-2000:]
+
+
+def _has_cuda_plugin() -> bool:
+  try:
+    import jax_plugins.xla_cuda12  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_cuda_plugin(), reason='needs jax-cuda12-plugin (not a project dependency)')
+def test_compile_report_for_an_h100_without_a_gpu(tmp_path):
+  """Deviceless compilation for bench/targets/h100_sxm.txtpb (runs where the CUDA plugin is installed)."""
+  record, _ = _run('compile_report.py',
+                   ['--what=train', '--batch_size=8', '--dtype=bfloat16',
+                    '--target=bench/targets/h100_sxm.txtpb'], str(tmp_path / 'report.json'),
+                   env={'JAX_PLATFORMS': '', 'JAX_SKIP_CUDA_CONSTRAINTS_CHECK': '1'})
+  _check_compile_report(record)
+  assert record['target_device_kind'] == 'NVIDIA H100 80GB HBM3'
+  kinds = {k['name'] for k in record['by_kind']}
+  assert {'__cudnn$convBiasActivationForward', '__cudnn$convBackwardInput',
+          '__cudnn$convBackwardFilter'} <= kinds, kinds
+  assert record['floor']['floor_s'] > 0 and record['bandwidth_tb_s'] == 3.35

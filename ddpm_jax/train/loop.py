@@ -29,7 +29,7 @@ from ddpm_jax import checkpoints, data, diffusion, images, models, parallel, sam
 from ddpm_jax.config import validate_config
 from ddpm_jax.streams import GRID_STREAM, INIT_STREAM, TRAIN_STREAM, stream_key
 from ddpm_jax.train.state import TrainState, create_train_state
-from ddpm_jax.train.step import make_train_step
+from ddpm_jax.train.step import jit_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -141,10 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if os.path.isdir(_data_state_dir(workdir, start_step)):
       data_iterator.restore_state(_data_state_dir(workdir, start_step))
 
-  repl, batch_sharding = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
-  train_step = jax.jit(make_train_step(config, model, coefs),
-                       in_shardings=(repl, batch_sharding, repl), out_shardings=(repl, repl),
-                       donate_argnums=(0,))
+  train_step = jit_train_step(config, model, coefs, mesh)
   train_key = stream_key(config, TRAIN_STREAM)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
