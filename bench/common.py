@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
+from absl import app
 from ml_collections import config_flags
 
 from ddpm_jax.models.unet import DTYPES
@@ -73,6 +74,19 @@ def apply_dtype(config: ml_collections.ConfigDict, dtype: str | None) -> str:
     config.model.dtype = dtype
   return config.model.dtype
 
+
+def start_run(flag_values: Any, argv: list[str], benchmark: str) -> tuple[ml_collections.ConfigDict,
+                                                                          dict[str, Any]]:
+  """The config with --dtype and --batch_size (the training batch) applied, and the record's first fields."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = flag_values.config
+  dtype = apply_dtype(config, flag_values.dtype)
+  if flag_values.batch_size is not None:
+    config.training.batch_size = flag_values.batch_size
+  record = run_metadata(config_name(flag_values))
+  record.update({'benchmark': benchmark, 'batch_size': config.training.batch_size, 'dtype': dtype})
+  return config, record
 
 def cpu_model() -> str:
   """The CPU's `model name` from /proc/cpuinfo (or platform.processor() elsewhere)."""

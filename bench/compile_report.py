@@ -170,15 +170,8 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = FLAGS.config
-  dtype = common.apply_dtype(config, FLAGS.dtype)
-  if FLAGS.batch_size is not None:
-    config.training.batch_size = FLAGS.batch_size
-  record = common.run_metadata(common.config_name(FLAGS))
-  record.update({'benchmark': 'compile_report', 'what': FLAGS.what, 'target': FLAGS.target,
-                 'batch_size': config.training.batch_size, 'dtype': dtype})
+  config, record = common.start_run(FLAGS, argv, 'compile_report')
+  record.update({'what': FLAGS.what, 'target': FLAGS.target})
   record.update(report(config, FLAGS.what, FLAGS.target, FLAGS.top))
   common.write_json(record, FLAGS.out)
   print(markdown(record))

@@ -185,15 +185,8 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = FLAGS.config
-  dtype = common.apply_dtype(config, FLAGS.dtype)
-  if FLAGS.batch_size is not None:
-    config.training.batch_size = FLAGS.batch_size
-  record = common.run_metadata(common.config_name(FLAGS))
-  record.update({'benchmark': 'train_throughput', 'batch_size': config.training.batch_size, 'dtype': dtype,
-                 'windows': FLAGS.windows, 'steps_per_window': FLAGS.steps_per_window,
+  config, record = common.start_run(FLAGS, argv, 'train_throughput')
+  record.update({'windows': FLAGS.windows, 'steps_per_window': FLAGS.steps_per_window,
                  'warmup_steps': FLAGS.warmup_steps})
   if FLAGS.windows < MIN_WINDOWS:
     logging.warning('--windows=%d < %d: a smoke run, not a benchmark.', FLAGS.windows, MIN_WINDOWS)
