@@ -22,6 +22,7 @@ device (`train_throughput.py`, `sample_throughput.py`) replaces all of this when
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -100,8 +101,11 @@ def lowered_function(config: ml_collections.ConfigDict, what: str, mesh: Mesh) -
 
 
 def flops_on_cpu(config: ml_collections.ConfigDict, what: str) -> float:
-  """FLOPs of `what` from XLA's cost analysis of the same function lowered for the local CPU."""
+  """FLOPs of `what` from XLA's cost analysis of the same function lowered for the local CPU (with
+  XLA's attention: a cuDNN fused attention has no CPU lowering, and the same FLOPs)."""
   cpu = jax.local_devices(backend='cpu')[0]
+  config = copy.deepcopy(config)
+  config.model.attn_implementation = None
   analysis = lowered_function(config, what, parallel.create_mesh([cpu])).cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]

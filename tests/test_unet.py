@@ -281,6 +281,15 @@ def test_attn_implementation_reaches_the_model_and_cudnn_is_checked_early():
   if jax.default_backend() != 'gpu':
     with pytest.raises(ValueError, match="'cudnn' needs a CUDA GPU"):
       validate_model_config(config)
+  # cuDNN flash attention takes heads of <= 128 channels: not DDPM's CIFAR10 net (one head of 256).
+  config = cifar10.get_config()
+  config.model.update(dtype='bfloat16', attn_implementation='cudnn')
+  with pytest.raises(ValueError, match=r"heads of at most 128 channels.*num_heads=1 the heads have \[256\]"):
+    validate_model_config(config)
+  config.model.num_heads = 2  # heads of 128: passes this check, then needs a GPU
+  if jax.default_backend() != 'gpu':
+    with pytest.raises(ValueError, match="'cudnn' needs a CUDA GPU"):
+      validate_model_config(config)
 
 
 def test_default_configs_are_valid():

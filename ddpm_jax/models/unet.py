@@ -32,6 +32,7 @@ Array = jax.Array
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 ATTN_IMPLEMENTATIONS = (None, 'xla', 'cudnn')
+CUDNN_MAX_HEAD_DIM = 128  # cuDNN flash attention (jax.nn.dot_product_attention, implementation='cudnn')
 
 
 class DownLevel(nn.Module):
@@ -208,23 +209,36 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
   for field in ('scale_shift_norm', 'resamp_with_conv', 'learn_sigma'):
     if not isinstance(m[field], bool):
       _fail(f'model.{field}', m[field], 'must be True or False')
-  _validate_attn_implementation(m)
+  _validate_attn_implementation(m, _attention_channels(m, data.image_size, ch_mult))
 
 
-def _validate_attn_implementation(m: ml_collections.ConfigDict) -> None:
+def _validate_attn_implementation(m: ml_collections.ConfigDict, attn_channels: set[int]) -> None:
   impl = m.get('attn_implementation')
   if impl not in ATTN_IMPLEMENTATIONS:
     _fail('model.attn_implementation', impl, f'allowed: {ATTN_IMPLEMENTATIONS}')
   if impl == 'cudnn':
-    # cuDNN's fused attention exists only on CUDA GPUs and only for 16-bit inputs; failing here
-    # beats an error from deep inside the first compilation.
+    # cuDNN's fused attention exists only on CUDA GPUs, for 16-bit inputs and heads of at most 128
+    # channels; failing here beats an error from deep inside the first compilation.
     if m.dtype != 'bfloat16':
       _fail('model.attn_implementation', impl, "'cudnn' needs model.dtype='bfloat16' "
             f'(got {m.dtype!r}); use None or \'xla\' for float32')
+    head_dims = sorted({c // m.num_heads for c in attn_channels})
+    if any(d > CUDNN_MAX_HEAD_DIM or d % 8 for d in head_dims):
+      _fail('model.attn_implementation', impl,
+            f"'cudnn' needs attention heads of at most {CUDNN_MAX_HEAD_DIM} channels, a multiple of 8; "
+            f'with model.num_heads={m.num_heads} the heads have {head_dims} channels (the DDPM '
+            "networks' single head is 256 wide or more): use None or 'xla', or more heads")
     if jax.default_backend() != 'gpu':
       _fail('model.attn_implementation', impl,
             f"'cudnn' needs a CUDA GPU; this process runs on {jax.default_backend()!r} "
             "(use None or 'xla')")
+
+
+def _attention_channels(m: ml_collections.ConfigDict, image_size: int,
+                        ch_mult: tuple[int, ...]) -> set[int]:
+  """Channel counts of the attention layers: at the attn_resolutions, and always in the middle block."""
+  res = resolutions(image_size, ch_mult)
+  return {m.ch * c for c, r in zip(ch_mult, res) if r in m.attn_resolutions} | {m.ch * ch_mult[-1]}
 
 
 def _validate_attention(m: ml_collections.ConfigDict, image_size: int,
@@ -240,9 +254,7 @@ def _validate_attention(m: ml_collections.ConfigDict, image_size: int,
             f'resolutions are {res}')
   if not _is_int(m.num_heads) or m.num_heads < 1:
     _fail('model.num_heads', m.num_heads, 'must be an integer >= 1')
-  # Attention runs at the attn_resolutions and always in the middle block (lowest resolution).
-  attn_channels = {m.ch * c for c, r in zip(ch_mult, res) if r in attn} | {m.ch * ch_mult[-1]}
-  for c in sorted(attn_channels):
+  for c in sorted(_attention_channels(m, image_size, ch_mult)):
     if c % m.num_heads:
       _fail('model.num_heads', m.num_heads, f'must divide the {c} channels of an attention layer')
 
