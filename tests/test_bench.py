@@ -191,12 +191,13 @@ def _check_compile_report(record: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 def test_compile_report_tiny_on_the_local_cpu(tmp_path):
-  record, stdout = _run('compile_report.py', ['--what=train', '--batch_size=8', '--target=local'],
+  # The forward pass compiles in seconds; the train step is compiled by the H100 test below.
+  record, stdout = _run('compile_report.py', ['--what=forward', '--batch_size=8', '--target=local'],
                         str(tmp_path / 'report.json'))
   _check_compile_report(record)
   assert record['target_device_kind'] == 'cpu' and record['floor'] is None  # no datasheet peaks
-  assert record['compiled_memory_bytes']['arguments'] > 4 * record['num_params']  # params, EMA, Adam
-  assert 'configs/tiny.py | train | float32 | 8 | cpu' in stdout
+  assert record['compiled_memory_bytes']['arguments'] >= 4 * record['num_params']  # float32 params
+  assert 'configs/tiny.py | forward | float32 | 8 | cpu' in stdout
 
 
 def test_compile_report_names_a_missing_target(tmp_path):
