@@ -90,10 +90,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: Any,
 
 def jit_train_step(config: ml_collections.ConfigDict, model: Any, coefs: diffusion.DiffusionCoefficients,
                    mesh: jax.sharding.Mesh) -> Any:
-  """`make_train_step` compiled over `mesh`: state and key replicated, batch split on `data`, state donated.
+  """`make_train_step` jitted for `mesh`: state and key replicated, batch split on `data`, state donated.
 
-  The one way the step is compiled: by the training loop and by the benchmarks, which time and inspect
-  exactly what training runs.
+  The one place the step is jitted: the training loop and the benchmarks both use it, so the benchmarks
+  time and inspect exactly what training runs.
   """
   repl, batch_sharding = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
   return jax.jit(make_train_step(config, model, coefs), in_shardings=(repl, batch_sharding, repl),
