@@ -54,6 +54,7 @@ _PEAK_BANDWIDTH_TB_S = (
     ('tpu v5', 2.77),
 )
 
+
 def define_common_flags(flags_module: Any) -> None:
   """The flags both scripts take: --config (with --config.x.y=... overrides), --batch_size, --dtype, --out."""
   config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.', lock_config=True)
@@ -87,6 +88,7 @@ def start_run(flag_values: Any, argv: list[str], benchmark: str) -> tuple[ml_col
   record = run_metadata(config_name(flag_values))
   record.update({'benchmark': benchmark, 'batch_size': config.training.batch_size, 'dtype': dtype})
   return config, record
+
 
 def cpu_model() -> str:
   """The CPU's `model name` from /proc/cpuinfo (or platform.processor() elsewhere)."""
