@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from PIL import Image
+
+from ddpm_jax import workdir
 
 # Tiles smaller than this (e.g. the 8x8 digits) are enlarged by an integer nearest-neighbour factor.
 MIN_TILE_SIZE = 32
@@ -62,9 +63,7 @@ def save_image_grid(images: np.ndarray, path: str, ncol: int | None = None) -> s
     path.
   """
   grid = make_grid(images, ncol)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  image.save(tmp, format='PNG')
-  os.replace(tmp, path)
+  with workdir.atomic_write(path) as f:
+    image.save(f, format='PNG')
   return path

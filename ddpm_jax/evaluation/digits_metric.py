@@ -20,12 +20,12 @@ the cached file fixes the classifier for all later evaluations.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from typing import NamedTuple
 
 import numpy as np
 
+from ddpm_jax import workdir
 from ddpm_jax.data.digits import load_digits_split
 from ddpm_jax.evaluation import fid
 
@@ -95,11 +95,8 @@ def load_or_train_digits_classifier(cache_dir: str) -> DigitsClassifier:
   """The classifier cached at <cache_dir>/digits_classifier.npz; trained and saved if absent."""
   path = os.path.join(cache_dir, CLASSIFIER_FILE)
   if not os.path.exists(path):
-    clf = train_digits_classifier()
-    os.makedirs(cache_dir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix='.npz', delete=False) as f:
-      np.savez(f, **clf._asdict())
-    os.replace(f.name, path)  # atomic: a concurrent or interrupted run never sees half a file
+    # Atomic: a concurrent or interrupted run never sees half a file.
+    workdir.savez(path, **train_digits_classifier()._asdict())
   with np.load(path, allow_pickle=False) as data:
     arrays = {k: data[k] for k in data.files}
   for key, shape in _SHAPES.items():

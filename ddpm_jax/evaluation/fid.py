@@ -14,7 +14,6 @@ used directly as the reference file.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from typing import Callable, Iterable, Iterator
 
@@ -22,6 +21,7 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
+from ddpm_jax import workdir
 from ddpm_jax.evaluation import inception
 
 Images = np.ndarray | Iterable[np.ndarray]   # uint8 [N, H, W, C], or batches of it
@@ -155,11 +155,7 @@ def compute_inception_features(apply_fn: inception.InceptionFn, images: Images,
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
   """Writes (mu, sigma) as a TTUR-style .npz, atomically (a crash leaves no half-written file)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=directory, suffix='.npz', delete=False) as f:
-    np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
-  os.replace(f.name, path)
+  workdir.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
 
 
 def load_stats(path: str) -> Stats:

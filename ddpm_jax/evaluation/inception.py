@@ -48,7 +48,6 @@ import hashlib
 import os
 import shutil
 import tarfile
-import tempfile
 import urllib.request
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -57,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from ddpm_jax import workdir
 
 INCEPTION_URL = 'http://download.tensorflow.org/models/image/imagenet/inception-2015-12-05.tgz'
 GRAPH_DEF_NAME = 'classify_image_graph_def.pb'
@@ -428,11 +429,7 @@ def save_inception_variables(variables: Variables, path: str) -> None:
   flat = {k: np.asarray(v, np.float32)
           for k, v in traverse_util.flatten_dict(variables, sep='/').items()}
   _check_variables(flat, 'save_inception_variables')
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=directory, suffix='.npz', delete=False) as f:
-    np.savez(f, **flat)
-  os.replace(f.name, path)
+  workdir.savez(path, **flat)
 
 
 def load_inception_variables_npz(path: str) -> Variables:
@@ -592,10 +589,8 @@ def _extract_graph_def(archive: str, cache_dir: str) -> str:
     if not members:
       raise ValueError(f'Inception weights archive {archive!r} has no {GRAPH_DEF_NAME}; '
                        f'accepted: {ACCEPTED_WEIGHTS}')
-    with tar.extractfile(members[0]) as src, tempfile.NamedTemporaryFile(
-        dir=cache_dir, delete=False) as dst:
+    with tar.extractfile(members[0]) as src, workdir.atomic_write(out) as dst:
       shutil.copyfileobj(src, dst)
-  os.replace(dst.name, out)
   return out
 
 
@@ -604,16 +599,14 @@ def _download(url: str, cache_dir: str) -> str:
   target = os.path.join(cache_dir, os.path.basename(url))
   if os.path.exists(target):
     return target
-  with tempfile.NamedTemporaryFile(dir=cache_dir, delete=False) as f:
-    try:
-      with urllib.request.urlopen(url, timeout=60) as response:
-        shutil.copyfileobj(response, f)
-    except OSError as e:
-      os.remove(f.name)
-      raise RuntimeError(
-          f'could not download the Inception weights from {url} ({e}); download it elsewhere and '
-          f'set config.eval.inception_weights to the file ({ACCEPTED_WEIGHTS})') from e
-  os.replace(f.name, target)  # only a complete download gets the final name
+  try:
+    # Only a complete download gets the final name.
+    with workdir.atomic_write(target) as f, urllib.request.urlopen(url, timeout=60) as response:
+      shutil.copyfileobj(response, f)
+  except OSError as e:
+    raise RuntimeError(
+        f'could not download the Inception weights from {url} ({e}); download it elsewhere and '
+        f'set config.eval.inception_weights to the file ({ACCEPTED_WEIGHTS})') from e
   return target
 
 

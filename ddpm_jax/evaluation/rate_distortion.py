@@ -9,9 +9,10 @@ of `calc_bpd_loop`'s outputs, so no extra network evaluations are needed.
 from __future__ import annotations
 
 import csv
-import os
 
 import numpy as np
+
+from ddpm_jax import workdir
 
 # [-1, 1] -> [0, 255] scales differences by 127.5.
 PIXEL_SCALE = 127.5
@@ -57,13 +58,11 @@ def summary(curve: dict[str, np.ndarray], vb: np.ndarray) -> dict[str, float]:
 
 def write_csv(curve: dict[str, np.ndarray], path: str) -> str:
   """One row per timestep with CSV_COLUMNS."""
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', newline='') as f:
+  with workdir.atomic_write(path, 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(CSV_COLUMNS)
     for row in zip(*(curve[name] for name in CSV_COLUMNS)):
       writer.writerow([int(row[0]), int(row[1]), f'{row[2]:.6f}', f'{row[3]:.6f}'])
-  os.replace(tmp, path)
   return path
 
 
@@ -83,8 +82,7 @@ def plot(curve: dict[str, np.ndarray], path: str) -> str:
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  tmp = f'{path}.tmp-{os.getpid()}.png'
-  fig.savefig(tmp, dpi=100)
+  with workdir.atomic_write(path) as f:
+    fig.savefig(f, format='png', dpi=100)
   plt.close(fig)
-  os.replace(tmp, path)
   return path
