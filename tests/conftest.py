@@ -1,9 +1,18 @@
-"""Shared test set-up: CPU only, and a helper to run code under 8 simulated CPU devices in a subprocess."""
+"""Shared test set-up: CPU only, the fixtures and helpers several test modules use, and a helper to run
+code under 8 simulated CPU devices in a subprocess.
 
+The float64 references of the diffusion maths are in tests/references.py. Heavy imports (jax, ddpm_jax)
+happen inside the helpers, so that collecting a test module costs only what that module imports.
+"""
+
+import functools
 import os
 import subprocess
 import sys
 import textwrap
+
+import numpy as np
+import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -27,3 +36,80 @@ def run_with_devices(code: str, num_devices: int = 8, timeout: int = 900, env: d
     raise AssertionError(f'subprocess failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-5000:]}\n'
                          f'STDERR:\n{proc.stderr[-8000:]}')
   return proc.stdout
+
+
+@pytest.fixture(params=['float32', 'float64'])
+def dtype(request) -> str:
+  """Runs a test for float32 here and for float64 in the x64 subprocess (test_diffusion_x64.py)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if request.param == 'float64' and not jax.config.jax_enable_x64:
+    pytest.skip('float64 cases run in test_diffusion_x64.py (JAX_ENABLE_X64=1 subprocess)')
+  return request.param
+
+
+def randomize(params, seed: int, scale: float = 0.05):
+  """`params` plus N(0, scale^2) numpy noise, as float32 numpy: the zero-initialised layers of a fresh
+  U-Net contribute too."""
+  import jax  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda p: np.asarray(p + scale * rng.standard_normal(p.shape), np.float32), params)
+
+
+# ------------------------------------------------------------------------ a tiny model for sampling/eval
+
+
+def tiny_config(num_timesteps: int = 10):
+  """configs/tiny.py shrunk further: one level of 32 channels, no attention, 8x8x1 digits, T=10."""
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  config = tiny.get_config()
+  config.model.ch_mult = (1,)
+  config.model.attn_resolutions = ()
+  config.model.dropout = 0.0
+  config.diffusion.num_timesteps = num_timesteps
+  config.sampling.num_samples = 12
+  config.sampling.batch_size = 4
+  config.sampling.samples_per_shard = 4
+  config.sampling.progressive_every = 3
+  config.sampling.interpolation_t = 5
+  config.sampling.interpolation_num_lambdas = 3
+  config.eval.batch_size = 4
+  config.eval.num_examples = 10
+  config.eval.num_train_examples = 6
+  config.eval.metrics = ('bpd', 'rate_distortion')
+  return config
+
+
+@functools.cache
+def _param_maker(model, image_shape):
+  """One jitted init-and-perturb per (model, image shape), shared by every seed."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jax import flatten_util  # pylint: disable=import-outside-toplevel
+  x = jnp.zeros((1,) + image_shape)
+
+  @jax.jit
+  def make(key):
+    init_key, noise_key = jax.random.split(key)
+    params = model.init({'params': init_key}, x, jnp.zeros((1,), jnp.int32), train=False)['params']
+    flat, unravel = flatten_util.ravel_pytree(params)  # one normal draw, not one per leaf
+    return unravel(flat + 0.05 * jax.random.normal(noise_key, flat.shape, flat.dtype))
+  return make
+
+
+def random_params(config, seed: int = 0):
+  """Initial weights plus N(0, 0.05^2) noise: the zero-initialised output conv of a fresh U-Net
+  would otherwise make eps_theta = 0 and hide most of the sampler."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from ddpm_jax import models  # pylint: disable=import-outside-toplevel
+  d = config.data
+  make = _param_maker(models.create_model(config), (d.image_size, d.image_size, d.num_channels))
+  return make(jax.random.key(seed))
+
+
+def write_checkpoint(workdir: str, config, seed: int = 0) -> None:
+  """A step-0 checkpoint whose EMA weights differ from the raw weights."""
+  from ddpm_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  checkpoints.save_converted(workdir, config, random_params(config, seed),
+                             random_params(config, seed + 1))

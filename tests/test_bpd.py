@@ -9,11 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_with_devices
+from conftest import random_params, run_with_devices, tiny_config
 from ddpm_jax import diffusion, models, parallel
 from ddpm_jax.evaluation import bpd, rate_distortion
 from ddpm_jax.sampling import loop
-import sampling_testutil
 
 T = 10
 BETAS = np.linspace(1e-3, 0.2, T)
@@ -124,8 +123,8 @@ def _dataset_means(batch_size, params, config):
 
 @pytest.fixture(scope='module')
 def unet():
-  config = sampling_testutil.tiny_config()
-  return config, sampling_testutil.random_params(config)
+  config = tiny_config()
+  return config, random_params(config)
 
 
 def test_dataset_bpd_counts_every_example_once_despite_padding(unet):
@@ -153,11 +152,12 @@ def test_dataset_bpd_is_the_same_on_8_devices(tmp_path, unet):
   run_with_devices(f"""
       import sys; sys.path.insert(0, 'tests')
       import jax, numpy as np
-      import sampling_testutil, test_bpd
+      import test_bpd
+      from conftest import random_params, tiny_config
       from ddpm_jax import parallel
       assert jax.device_count() == 8
-      config = sampling_testutil.tiny_config()
-      params = parallel.replicate(sampling_testutil.random_params(config), parallel.create_mesh())
+      config = tiny_config()
+      params = parallel.replicate(random_params(config), parallel.create_mesh())
       means = test_bpd._dataset_means(8, params, config)
       np.savez({out!r}, total=means['total_bpd'], vb=means['vb'])
   """, 8)

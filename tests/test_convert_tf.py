@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import _large256, cifar10, default
+from conftest import randomize
 from ddpm_jax.models import convert_tf, create_model, init_params, param_shapes
 
 tf = convert_tf._import_tf()  # pylint: disable=protected-access  (the same GPU-hiding import)
@@ -168,12 +169,6 @@ def original_forward(v, x, t, ch, ch_mult, num_res_blocks, attn_resolutions):
                                     method=tf.image.ResizeMethod.NEAREST_NEIGHBOR).numpy()
       h = acts[f'up_{level}/upsample'] = _conv(v, f'up_{level}/upsample/conv', h)
   return _conv(v, 'conv_out', _swish(_norm(v, 'norm_out', h))), acts
-
-
-def randomize(params, seed, scale=0.05):
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(
-      lambda p: np.asarray(p + scale * rng.standard_normal(p.shape), np.float32), params)
 
 
 @pytest.fixture(scope='module')

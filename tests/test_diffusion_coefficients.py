@@ -1,10 +1,10 @@
 """Tests of ddpm_jax.diffusion.coefficients against float64 numpy written from DDPM eq. 4-7.
 
-This module also holds the shared helpers of the diffusion tests (the reference tables and the
-dtype fixture); the other test_diffusion_* modules import them from here. float64 cases run only in
-the JAX_ENABLE_X64=1 subprocess of test_diffusion_x64.py.
+The references are in tests/references.py and the `dtype` fixture in tests/conftest.py; float64 cases
+run only in the JAX_ENABLE_X64=1 subprocess of test_diffusion_x64.py.
 """
 
+import dataclasses
 import math
 import warnings
 
@@ -15,112 +15,7 @@ import pytest
 
 from configs import cifar10_iddpm, default
 from ddpm_jax import diffusion
-
-# ----------------------------------------------------------------------------------------------
-# Shared helpers (imported by the other diffusion test modules).
-
-
-@pytest.fixture(params=['float32', 'float64'])
-def dtype(request) -> str:
-  """Runs a test for float32 here and for float64 in the x64 subprocess (test_diffusion_x64.py)."""
-  if request.param == 'float64' and not jax.config.jax_enable_x64:
-    pytest.skip('float64 cases run in test_diffusion_x64.py (JAX_ENABLE_X64=1 subprocess)')
-  return request.param
-
-
-def assert_close(actual, expected, dtype: str, *, rtol: float | None = None, scale=0.0):
-  """|actual - expected| <= rtol (|expected| + scale), rtol fitting `dtype`.
-
-  `scale` (a number or an array broadcasting against `expected`) is the size of the terms that
-  cancel in the computation, e.g. sqrt(1/abar_t) when recovering x0 from x_t: rounding grows with
-  it.
-  """
-  actual = np.asarray(actual, dtype=np.float64)
-  expected = np.asarray(expected, dtype=np.float64)
-  if rtol is None:
-    rtol = 2e-5 if dtype == 'float32' else 1e-11
-  assert actual.shape == expected.shape, (actual.shape, expected.shape)
-  bound = rtol * (np.abs(expected) + scale)
-  bad = ~(np.abs(actual - expected) <= bound)  # also catches nan
-  assert not np.any(bad), (f'{bad.sum()} of {bad.size} differ beyond rtol={rtol}; worst: actual '
-                           f'{actual[bad][:5]}, expected {expected[bad][:5]}')
-
-
-def ref_tables(betas) -> dict[str, np.ndarray]:
-  """DDPM §2 quantities, float64, written out step by step from the definitions.
-
-  Index i is the paper's t = i + 1; '_prev' uses abar_0 = 1. 1 - abar_t is summed as
-  sum_{k<=t} beta_k abar_{k-1} (the first step at which noise "arrives"): positive terms only, so
-  it keeps full relative precision where 1 - abar_t ~ 1e-5 (1.0 - abar would keep 11 digits).
-  """
-  betas = np.asarray(betas, dtype=np.float64)
-  abar, running = [], 1.0
-  for beta in betas:
-    running *= 1.0 - beta
-    abar.append(running)
-  abar = np.array(abar)
-  abar_prev = np.concatenate([[1.0], abar[:-1]])
-  one_minus = np.cumsum(betas * abar_prev)
-  one_minus_prev = np.concatenate([[0.0], one_minus[:-1]])
-  alphas = 1.0 - betas
-  beta_tilde = one_minus_prev / one_minus * betas  # DDPM eq. 7
-  return {
-      'betas': betas, 'alphas': alphas, 'abar': abar, 'abar_prev': abar_prev,
-      'abar_next': np.concatenate([abar[1:], [0.0]]),
-      'one_minus_abar': one_minus, 'one_minus_abar_prev': one_minus_prev,
-      'beta_tilde': beta_tilde,
-      # DDPM eq. 7: mu~ = coef1 x0 + coef2 x_t.
-      'coef1': np.sqrt(abar_prev) * betas / one_minus,
-      'coef2': np.sqrt(alphas) * one_minus_prev / one_minus,
-      # beta~_1 = 0: iDDPM clips its log to log beta~_2 (log beta_1 when T = 1).
-      'log_beta_tilde_clipped': np.log(np.concatenate(
-          [[beta_tilde[1] if len(betas) > 1 else betas[0]], beta_tilde[1:]])),
-  }
-
-
-def ref_extract(table: np.ndarray, t: np.ndarray, ndim: int = 4) -> np.ndarray:
-  return np.asarray(table)[np.asarray(t)].reshape((-1,) + (1,) * (ndim - 1))
-
-
-def grid_images(rng: np.random.Generator, shape) -> np.ndarray:
-  """Images on the 256-level grid -1 + 2k/255 of [-1, 1] (what the data pipeline produces)."""
-  return -1.0 + 2.0 * rng.integers(0, 256, size=shape) / 255.0
-
-
-def t_values(num_timesteps: int) -> np.ndarray:
-  """Several t, including the first (paper's t = 1) and last index, and a duplicate."""
-  return np.array([0, 1, num_timesteps // 2, num_timesteps - 1, 0], dtype=np.int32)
-
-
-SMALL_T = 20
-DDPM_BETAS = np.linspace(1e-4, 0.02, 1000)
-
-
-def small_betas(num_timesteps: int = SMALL_T) -> np.ndarray:
-  """A short schedule that still ends close to pure noise (abar_T ~ 1e-4 for T = 20)."""
-  return np.linspace(1e-3, 0.6, num_timesteps)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tests.
-
-FIELD_TO_REF = {
-    'betas': lambda r: r['betas'],
-    'alphas_cumprod': lambda r: r['abar'],
-    'alphas_cumprod_prev': lambda r: r['abar_prev'],
-    'alphas_cumprod_next': lambda r: r['abar_next'],
-    'sqrt_alphas_cumprod': lambda r: np.sqrt(r['abar']),
-    'sqrt_one_minus_alphas_cumprod': lambda r: np.sqrt(r['one_minus_abar']),
-    # (log1p(-abar) where abar is tiny and log(1 - abar) ~ -abar must keep its relative precision.)
-    'log_one_minus_alphas_cumprod': lambda r: np.where(r['abar'] < 0.5, np.log1p(-r['abar']),
-                                                       np.log(r['one_minus_abar'])),
-    'sqrt_recip_alphas_cumprod': lambda r: 1 / np.sqrt(r['abar']),
-    'sqrt_recipm1_alphas_cumprod': lambda r: np.sqrt(r['one_minus_abar'] / r['abar']),
-    'posterior_variance': lambda r: r['beta_tilde'],
-    'posterior_log_variance_clipped': lambda r: r['log_beta_tilde_clipped'],
-    'posterior_mean_coef1': lambda r: r['coef1'],
-    'posterior_mean_coef2': lambda r: r['coef2'],
-}
+from references import DDPM_BETAS, FIELD_TO_REF, SMALL_T, assert_close, ref_extract, ref_tables, small_betas, t_values
 
 
 @pytest.mark.parametrize('schedule,num_timesteps', [('linear', 1000), ('cosine', 4000),
@@ -192,7 +87,7 @@ def test_coefficients_are_a_pytree_with_static_choices():
   # Static fields are part of the tree structure, so jit specialises on them.
   traced = jax.jit(lambda c: (c.betas.sum(), c.num_timesteps + 0))(coefs)
   assert traced[1] == SMALL_T
-  with pytest.raises(Exception):  # frozen: no hidden mutation
+  with pytest.raises(dataclasses.FrozenInstanceError):  # frozen: no hidden mutation
     coefs.betas = None
 
 

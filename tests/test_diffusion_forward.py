@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import diffusion
-from test_diffusion_coefficients import (DDPM_BETAS, assert_close, ref_extract, ref_tables,
-                                         small_betas, t_values)
-from test_diffusion_coefficients import dtype  # pylint: disable=unused-import  (fixture)
+from references import DDPM_BETAS, assert_close, ref_extract, ref_tables, small_betas, t_values
 
 SHAPE = (5, 4, 4, 3)
 

@@ -1,7 +1,4 @@
-"""Tests of the bound terms against float64 numpy (DDPM eq. 5, §3.3 eq. 13; iDDPM §2-3).
-
-`ref_vb_bits` is also the reference of the loss tests.
-"""
+"""Tests of the bound terms against float64 numpy (DDPM eq. 5, §3.3 eq. 13; iDDPM §2-3)."""
 
 import math
 
@@ -14,44 +11,22 @@ import pytest
 from scipy import special
 
 from ddpm_jax import diffusion
-from test_diffusion_coefficients import (DDPM_BETAS, assert_close, grid_images, ref_extract,
-                                         ref_tables, small_betas, t_values)
-from test_diffusion_coefficients import dtype  # pylint: disable=unused-import  (fixture)
-from test_diffusion_reverse import ref_p_mean_variance
+from references import (
+  DDPM_BETAS,
+  LN2,
+  assert_close,
+  grid_images,
+  ref_cdf,
+  ref_discretized_log_likelihood,
+  ref_extract,
+  ref_normal_kl,
+  ref_tables,
+  ref_vb_bits,
+  small_betas,
+  t_values,
+)
 
 SHAPE = (5, 4, 4, 3)
-LN2 = math.log(2.0)
-
-
-def ref_normal_kl(mean1, logvar1, mean2, logvar2):
-  """KL of 1-D Gaussians, std-dev form: log(s2/s1) + (s1^2 + (m1 - m2)^2) / (2 s2^2) - 1/2."""
-  s1, s2 = np.exp(0.5 * np.asarray(logvar1)), np.exp(0.5 * np.asarray(logvar2))
-  return np.log(s2 / s1) + (s1**2 + (mean1 - mean2)**2) / (2 * s2**2) - 0.5
-
-
-def ref_cdf(x):
-  """The tanh approximation of Phi used by the DDPM decoder."""
-  return 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
-
-
-def ref_discretized_log_likelihood(x, means, log_scales):
-  """log Gaussian mass of x's bin of width 2/255; the outer bins reach -inf / +inf (DDPM eq. 13)."""
-  x, means = np.broadcast_arrays(np.asarray(x, np.float64), np.asarray(means, np.float64))
-  sigma = np.exp(np.broadcast_to(log_scales, x.shape))
-  upper = np.where(x > 0.999, 1.0, ref_cdf((x + 1 / 255 - means) / sigma))
-  lower = np.where(x < -0.999, 0.0, ref_cdf((x - 1 / 255 - means) / sigma))
-  return np.log(np.maximum(upper - lower, 1e-12))
-
-
-def ref_vb_bits(betas, mean_type, var_type, model_output, x0, x_t, t, clip=False) -> np.ndarray:
-  """L_{t-1} (KL of posterior and p_theta) or, at t = 1, the decoder NLL L_0; bits/dim, [B]."""
-  r = {k: ref_extract(v, t) for k, v in ref_tables(betas).items()}
-  true_mean = r['coef1'] * x0 + r['coef2'] * x_t
-  p = ref_p_mean_variance(betas, mean_type, var_type, model_output, x_t, t, clip)
-  kl = ref_normal_kl(true_mean, r['log_beta_tilde_clipped'], p['mean'], p['log_variance'])
-  nll = -ref_discretized_log_likelihood(x0, p['mean'], 0.5 * p['log_variance'])
-  per_pixel = np.where(np.reshape(t, (-1, 1, 1, 1)) == 0, nll, kl)
-  return per_pixel.reshape(len(t), -1).mean(axis=1) / LN2
 
 
 def test_normal_kl_matches_reference(dtype):

@@ -12,10 +12,16 @@ import numpy as np
 import pytest
 
 from ddpm_jax import diffusion
-from test_diffusion_coefficients import (DDPM_BETAS, assert_close, grid_images, ref_extract,
-                                         ref_tables, small_betas, t_values)
-from test_diffusion_coefficients import dtype  # pylint: disable=unused-import  (fixture)
-from test_diffusion_likelihood import ref_vb_bits
+from references import (
+  DDPM_BETAS,
+  assert_close,
+  grid_images,
+  ref_extract,
+  ref_tables,
+  ref_vb_bits,
+  small_betas,
+  t_values,
+)
 
 SHAPE = (5, 4, 4, 3)
 PARAMS = {'a': 0.3, 'b': -0.2, 'c': 0.5, 'd': -0.1}  # mean: a x_t + b t/T; variance: c x_t + d

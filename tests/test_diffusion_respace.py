@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import diffusion
-from test_diffusion_coefficients import (DDPM_BETAS, FIELD_TO_REF, assert_close, ref_tables,
-                                         small_betas)
-from test_diffusion_coefficients import dtype  # pylint: disable=unused-import  (fixture)
+from references import DDPM_BETAS, FIELD_TO_REF, assert_close, ref_tables, small_betas
 
 
 def test_known_spacings():

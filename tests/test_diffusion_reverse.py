@@ -1,7 +1,4 @@
-"""Tests of the reverse-process parameterizations against float64 numpy (DDPM §3.2, iDDPM §3.1).
-
-`ref_p_mean_variance` is also the reference of the likelihood and loss tests.
-"""
+"""Tests of the reverse-process parameterizations against float64 numpy (DDPM §3.2, iDDPM §3.1)."""
 
 import itertools
 
@@ -13,57 +10,10 @@ import numpy as np
 import pytest
 
 from ddpm_jax import diffusion
-from test_diffusion_coefficients import (DDPM_BETAS, assert_close, ref_extract, ref_tables,
-                                         small_betas, t_values)
-from test_diffusion_coefficients import dtype  # pylint: disable=unused-import  (fixture)
+from references import DDPM_BETAS, assert_close, ref_extract, ref_p_mean_variance, ref_tables, small_betas, t_values
 
 SHAPE = (5, 4, 4, 3)
 LEARNED = ('learned', 'learned_range')
-
-
-def ref_p_mean_variance(betas, mean_type: str, var_type: str, model_output, x_t, t,
-                        clip: bool) -> dict[str, np.ndarray]:
-  """p_theta(x_{t-1} | x_t) in float64, from the formulas of DDPM §3.2 and iDDPM eq. 15."""
-  r = {k: ref_extract(v, t) for k, v in ref_tables(betas).items()}
-  channels = x_t.shape[-1]
-  out, v = model_output[..., :channels], model_output[..., channels:]
-
-  def posterior_mean(x0):  # DDPM eq. 7
-    return r['coef1'] * x0 + r['coef2'] * x_t
-
-  if mean_type == 'eps':
-    x0 = (x_t - np.sqrt(r['one_minus_abar']) * out) / np.sqrt(r['abar'])
-    # DDPM eq. 11, equal to the posterior mean of the unclipped x0.
-    mean = (x_t - r['betas'] / np.sqrt(r['one_minus_abar']) * out) / np.sqrt(r['alphas'])
-  elif mean_type == 'x0':
-    x0 = out
-    mean = posterior_mean(out)
-  else:  # xprev: the network predicts mu~ itself.
-    x0 = (out - r['coef2'] * x_t) / r['coef1']
-    mean = out
-  if clip:
-    x0 = np.clip(x0, -1, 1)
-    if mean_type != 'xprev':
-      mean = posterior_mean(x0)
-  eps = out if mean_type == 'eps' and not clip else (
-      (x_t - np.sqrt(r['abar']) * x0) / np.sqrt(r['one_minus_abar']))
-
-  first = np.asarray(t).reshape(r['betas'].shape) == 0
-  beta_tilde_2 = ref_tables(betas)['beta_tilde'][1] if len(betas) > 1 else betas[0]
-  if var_type == 'fixed_small':
-    var = r['beta_tilde']
-    log_var = r['log_beta_tilde_clipped']
-  elif var_type == 'fixed_large':  # beta_t, with beta~_2 at t = 1 (DDPM §3.2 / iDDPM code).
-    var = np.where(first, beta_tilde_2, r['betas'])
-    log_var = np.log(var)
-  elif var_type == 'learned':
-    log_var = v
-    var = np.exp(v)
-  else:  # iDDPM eq. 15
-    frac = (v + 1) / 2
-    log_var = frac * np.log(r['betas']) + (1 - frac) * r['log_beta_tilde_clipped']
-    var = np.exp(log_var)
-  return {'mean': mean, 'variance': var, 'log_variance': log_var, 'pred_xstart': x0, 'eps': eps}
 
 
 def _inputs(dtype: str, channels_out: int, seed: int = 0):

@@ -6,8 +6,6 @@ Python (pytest inside a subprocess with JAX_ENABLE_X64=1); in this process they 
 
 import re
 
-import pytest
-
 from conftest import run_with_devices
 
 MODULES = ['schedules', 'coefficients', 'forward', 'reverse', 'likelihood', 'losses', 'timesteps',

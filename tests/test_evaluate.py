@@ -7,22 +7,22 @@ import os
 import numpy as np
 import pytest
 
+from conftest import tiny_config, write_checkpoint
 from ddpm_jax import data
 from ddpm_jax.evaluation import bpd as bpd_lib
-from ddpm_jax.evaluation import evaluate as evaluate_lib
 from ddpm_jax.evaluation import digits_metric, fid
-import sampling_testutil
+from ddpm_jax.evaluation import evaluate as evaluate_lib
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('eval'))
-  sampling_testutil.write_checkpoint(path, sampling_testutil.tiny_config())
+  write_checkpoint(path, tiny_config())
   return path
 
 
 def _config():
-  config = sampling_testutil.tiny_config()
+  config = tiny_config()
   config.eval.metrics = ('bpd', 'rate_distortion', 'digits_fid')
   config.eval.fid_num_samples = 8
   return config

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, randomize
 
 
 def _python(*args, check=True):
@@ -83,7 +83,6 @@ def test_converted_tf_checkpoint_is_sampled_by_main(tmp_path):
   from configs import tiny  # pylint: disable=import-outside-toplevel
   from ddpm_jax import checkpoints, parallel  # pylint: disable=import-outside-toplevel
   from ddpm_jax.models import convert_tf, create_model, init_params  # pylint: disable=import-outside-toplevel
-  from test_convert_tf import randomize  # pylint: disable=import-outside-toplevel
 
   config = tiny.get_config()
   template = init_params(create_model(config), jax.random.key(0), 8, 1)

@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_with_devices
+from conftest import random_params, run_with_devices, tiny_config
 from ddpm_jax import diffusion, models, parallel, sampling
 from ddpm_jax.sampling import loop
-import sampling_testutil
 
 T = 10
 BETAS = np.linspace(1e-3, 0.2, T)
@@ -210,11 +209,11 @@ def _unet_sample_fn(config, mesh):
 
 @pytest.fixture(scope='module')
 def unet_params():
-  return sampling_testutil.random_params(sampling_testutil.tiny_config())
+  return random_params(tiny_config())
 
 
 def test_make_sample_fn_is_independent_of_batch_size_and_in_range(unet_params):
-  config, params = sampling_testutil.tiny_config(), unet_params
+  config, params = tiny_config(), unet_params
   sample_fn = _unet_sample_fn(config, parallel.create_mesh())
   key = jax.random.key(42)
   eight = np.asarray(sample_fn(params, key, np.arange(8)))
@@ -227,7 +226,7 @@ def test_make_sample_fn_is_independent_of_batch_size_and_in_range(unet_params):
 
 @pytest.mark.parametrize('method, respacing', [('ddim', 'ddim5'), ('ancestral', '5')])
 def test_make_sample_fn_follows_config_sampling(method, respacing, unet_params):
-  config, params = sampling_testutil.tiny_config(), unet_params
+  config, params = tiny_config(), unet_params
   config.sampling.method, config.sampling.timestep_respacing = method, respacing
   got = _unet_sample_fn(config, parallel.create_mesh())(params, jax.random.key(0), np.arange(4))
   coefs = diffusion.coefficients_from_config(config.diffusion, respacing=respacing)
@@ -239,7 +238,7 @@ def test_make_sample_fn_follows_config_sampling(method, respacing, unet_params):
 
 
 def test_sample_fn_rejects_indices_not_divisible_by_devices():
-  config = sampling_testutil.tiny_config()
+  config = tiny_config()
   sample_fn = _unet_sample_fn(config, parallel.create_mesh())
   with pytest.raises(ValueError, match='indices must be an integer array'):
     sample_fn(None, jax.random.key(0), np.zeros((2, 2), np.int32))
@@ -248,19 +247,19 @@ def test_sample_fn_rejects_indices_not_divisible_by_devices():
 @pytest.mark.slow
 @pytest.mark.multidevice
 def test_samples_are_identical_on_1_and_8_devices(tmp_path, unet_params):
-  config, params = sampling_testutil.tiny_config(), unet_params
+  config, params = tiny_config(), unet_params
   one = np.asarray(_unet_sample_fn(config, parallel.create_mesh())(params, jax.random.key(5),
                                                                      np.arange(8)))
   out = os.path.join(tmp_path, 'eight.npy')
   run_with_devices(f"""
       import sys; sys.path.insert(0, 'tests')
       import jax, numpy as np
-      import sampling_testutil
+      from conftest import random_params, tiny_config
       from ddpm_jax import models, parallel, sampling
       assert jax.device_count() == 8
-      config = sampling_testutil.tiny_config()
+      config = tiny_config()
       mesh = parallel.create_mesh()
-      params = parallel.replicate(sampling_testutil.random_params(config), mesh)
+      params = parallel.replicate(random_params(config), mesh)
       fn = sampling.make_sample_fn(config, models.create_model(config), mesh)
       samples = fn(params, jax.random.key(5), np.arange(8))
       assert len(samples.sharding.device_set) == 8

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import tiny_config, write_checkpoint
 from ddpm_jax import data
 from ddpm_jax.sampling import run
-import sampling_testutil
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('run'))
-  sampling_testutil.write_checkpoint(path, sampling_testutil.tiny_config())
+  write_checkpoint(path, tiny_config())
   return path
 
 
@@ -36,7 +36,7 @@ def _count_generate_calls(monkeypatch):
 
 def test_sample_writes_shards_and_an_interrupted_run_resumes_identically(workdir, tmp_path,
                                                                           monkeypatch):
-  config = sampling_testutil.tiny_config()
+  config = tiny_config()
   config.eval.sample_dir = str(tmp_path / 'a')
   directory = run.sample(config, workdir)
   assert _shards(directory) == ['samples_00000.npz', 'samples_00001.npz', 'samples_00002.npz']
@@ -62,7 +62,7 @@ def test_sample_writes_shards_and_an_interrupted_run_resumes_identically(workdir
 
 
 def test_sample_uses_the_ema_weights_and_refuses_to_mix_settings(workdir, tmp_path):
-  config = sampling_testutil.tiny_config()
+  config = tiny_config()
   config.sampling.num_samples = config.sampling.samples_per_shard = 4
   config.eval.sample_dir = str(tmp_path / 'ema')
   ema = run.load_samples(run.sample(config, workdir), 4)
@@ -79,7 +79,7 @@ def test_sample_uses_the_ema_weights_and_refuses_to_mix_settings(workdir, tmp_pa
 
 
 def test_progressive_writes_a_strip_of_x0_predictions(workdir):
-  config = sampling_testutil.tiny_config()
+  config = tiny_config()
   png, npz = run.progressive(config, workdir)
   with np.load(npz) as f:
     pred, timesteps = f['pred_xstart'], f['timesteps']
@@ -91,7 +91,7 @@ def test_progressive_writes_a_strip_of_x0_predictions(workdir):
 
 
 def test_interpolation_strip_has_sources_at_both_ends(workdir):
-  config = sampling_testutil.tiny_config()
+  config = tiny_config()
   png, npz = run.interpolate(config, workdir)
   with np.load(npz) as f:
     decoded, sources, lambdas = f['decoded'], f['sources'], f['lambdas']
@@ -109,4 +109,4 @@ def test_interpolation_strip_has_sources_at_both_ends(workdir):
 
 def test_sample_without_a_checkpoint_fails_clearly(tmp_path):
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
-    run.sample(sampling_testutil.tiny_config(), str(tmp_path))
+    run.sample(tiny_config(), str(tmp_path))
