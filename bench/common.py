@@ -14,7 +14,8 @@ import resource
 import shlex
 import statistics
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -109,7 +110,7 @@ def run_metadata(config_path: str) -> dict[str, Any]:
   import optax  # pylint: disable=g-import-not-at-top
   devices = jax.local_devices()
   return {
-      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
       'command': shlex.join(['python', os.path.relpath(sys.argv[0])] + sys.argv[1:]),
       'config': config_path,
       'machine': {'cpu_model': cpu_model(), 'cpu_count': os.cpu_count(), 'platform': platform.platform(),
@@ -227,11 +228,6 @@ def cache_size(jitted: Callable[..., Any]) -> int | None:
   """How many compiled versions a `jax.jit` function holds (None if this jax hides it)."""
   size = getattr(jitted, '_cache_size', None)
   return size() if callable(size) else None
-
-
-def check_repeats(name: str, value: int, minimum: int) -> None:
-  if value < minimum:
-    raise ValueError(f'--{name}={value}: at least {minimum} are needed for a median with a spread')
 
 
 def write_json(record: dict[str, Any], path: str | None) -> None:

@@ -28,7 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- data ---
   config.data = data = ml_collections.ConfigDict()
-  data.dataset = 'cifar10'       # a tfds name (cifar10, mnist, celeb_a_hq/256, lsun/church_outdoor...), 'digits' or 'image_folder'
+  # a tfds name (cifar10, mnist, celeb_a_hq/256, lsun/church_outdoor...), 'digits' or 'image_folder'
+  data.dataset = 'cifar10'
   data.image_size = 32
   data.num_channels = 3
   data.random_flip = True
@@ -91,7 +92,6 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.progressive_every = 100     # DDPM §4.3: x0 prediction every k steps
   sampling.interpolation_t = 500       # DDPM §4.4
   sampling.interpolation_num_lambdas = 11
-  sampling.grid_seed_offset = 0
 
   # --- evaluation ---
   config.eval = evaluation = ml_collections.ConfigDict()
