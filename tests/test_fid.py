@@ -169,16 +169,6 @@ def test_reference_stats_computed_once_and_cached(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-def _low_rank_frechet_distance(x, y):
-  """Exact FD of the Gaussians fitted to features x [N, D], y [M, D] for N, M << D, without sqrtm:
-  with S1 = A^T A, S2 = B^T B, Tr sqrt(S1 S2) is the nuclear norm of A B^T (an N x M matrix)."""
-  a = (x - x.mean(0)) / np.sqrt(len(x) - 1)
-  b = (y - y.mean(0)) / np.sqrt(len(y) - 1)
-  diff = x.mean(0) - y.mean(0)
-  nuclear = np.sum(np.linalg.svd(a @ b.T, compute_uv=False))
-  return diff @ diff + np.sum(a * a) + np.sum(b * b) - 2 * nuclear
-
-
 @pytest.fixture(scope='module')
 def random_weights(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('weights') / 'random_inception.npz')
