@@ -45,9 +45,9 @@ PUBLISHED_POOLS = {  # name -> op, the FID graph's max pool in mixed_10 included
 
 def test_graph_scopes_match_the_published_node_names():
   layers = inc.graph_layers()
-  assert {s for s, l in layers.items() if l.kind == 'conv'} == PUBLISHED_CONV_SCOPES
-  pools = {s: {'max': 'MaxPool', 'avg': 'AvgPool'}[l.pool_kind]
-           for s, l in layers.items() if l.kind == 'pool'}
+  assert {s for s, layer in layers.items() if layer.kind == 'conv'} == PUBLISHED_CONV_SCOPES
+  pools = {s: {'max': 'MaxPool', 'avg': 'AvgPool'}[layer.pool_kind]
+           for s, layer in layers.items() if layer.kind == 'pool'}
   assert pools == PUBLISHED_POOLS
   names = {inc.tf_const_name(p) for p in inc.variable_shapes()}
   for published in ('mixed_10/tower_1/mixed/conv_1/conv2d_params', 'softmax/weights',
