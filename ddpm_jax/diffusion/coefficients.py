@@ -2,18 +2,25 @@
 
 Index i of every [T] table belongs to the paper's timestep t = i + 1. All tables are computed in
 float64 numpy from the betas and cast once to the requested dtype, so float32 tables carry no
-accumulated round-off from the cumulative product.
+accumulated round-off from the cumulative product. `respaced_coefficients` builds the tables of a
+respaced process (iDDPM §4) from `respace`'s betas; `extract` and `model_output` read the tables at
+a batch of timesteps.
 """
 
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from ddpm_jax.diffusion import schedules
+from ddpm_jax.diffusion import respace
+from ddpm_jax.diffusion._checks import _check_betas, _check_choice, _check_t
+from ddpm_jax.diffusion.schedules import one_minus_alphas_cumprod
+
+# The network seen by the diffusion: (x_t [B, H, W, C], timestep int32 [B]) -> output [B, H, W, C]
+# (2C for learned variances). Parameters, dropout and mesh are bound by the caller.
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 MEAN_TYPES = ('eps', 'x0', 'xprev')
 VAR_TYPES = ('fixed_small', 'fixed_large', 'learned', 'learned_range')
@@ -24,8 +31,8 @@ LOSS_TYPES = ('mse', 'rescaled_mse', 'kl', 'rescaled_kl', 'hybrid')
 class DiffusionCoefficients:
   """Every per-timestep table of DDPM §2 / iDDPM §2, all of shape [T], plus the static choices.
 
-  abar_t is the cumulative product of alpha_s = 1 - beta_s (DDPM eq. 4); `_prev` / `_next` are the
-  same table shifted by one step with abar_0 := 1 and abar_{T+1} := 0. The posterior
+  abar_t is the cumulative product of alpha_s = 1 - beta_s (DDPM eq. 4); `_prev` is the same table
+  shifted by one step with abar_0 := 1. The posterior
   q(x_{t-1} | x_t, x_0) has mean coef1 * x_0 + coef2 * x_t and variance beta~_t (DDPM eq. 6-7);
   beta~_1 = 0, so its log is clipped to log beta~_2 (iDDPM §2; log beta_1 when T = 1, where no
   beta~_2 exists).
@@ -33,7 +40,6 @@ class DiffusionCoefficients:
   betas: jax.Array
   alphas_cumprod: jax.Array
   alphas_cumprod_prev: jax.Array
-  alphas_cumprod_next: jax.Array
   sqrt_alphas_cumprod: jax.Array
   sqrt_one_minus_alphas_cumprod: jax.Array
   log_one_minus_alphas_cumprod: jax.Array
@@ -49,21 +55,6 @@ class DiffusionCoefficients:
   var_type: str = flax.struct.field(pytree_node=False, default='fixed_large')
   loss_type: str = flax.struct.field(pytree_node=False, default='mse')
   hybrid_lambda: float = flax.struct.field(pytree_node=False, default=0.001)
-
-
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
-  if value not in allowed:
-    raise ValueError(f'{name}={value!r} is not one of {tuple(allowed)}.')
-
-
-def _check_betas(betas: np.ndarray) -> np.ndarray:
-  betas = np.asarray(betas, dtype=np.float64)
-  if betas.ndim != 1 or betas.shape[0] < 1:
-    raise ValueError(f'betas must be a 1-D array of length T >= 1, got shape {betas.shape}.')
-  if not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas > 1):
-    raise ValueError(f'betas must lie in (0, 1] (DDPM §2); got min {betas.min()!r}, '
-                     f'max {betas.max()!r}.')
-  return betas
 
 
 def _check_timestep_map(timestep_map: np.ndarray | None, num_timesteps: int) -> np.ndarray:
@@ -88,21 +79,6 @@ def _check_dtype(dtype) -> np.dtype:
   return dtype
 
 
-def one_minus_alphas_cumprod(betas: np.ndarray) -> np.ndarray:
-  """1 - abar_t = 1 - prod_{s<=t} (1 - beta_s) for t = 1..T, float64 [T], without cancellation.
-
-  Subtracting abar ~ 1 - 1e-5 from 1 would keep only ~11 of float64's 16 digits at the first
-  steps; accumulating g <- g + beta (1 - g) instead keeps every term positive and full precision
-  (DDPM eq. 4).
-  """
-  out = np.empty(len(betas), dtype=np.float64)
-  g = 0.0
-  for i, beta in enumerate(np.asarray(betas, dtype=np.float64)):
-    g = g + beta * (1.0 - g)
-    out[i] = g
-  return out
-
-
 def _tables(betas: np.ndarray) -> dict[str, np.ndarray]:
   """The float64 tables of DDPM eq. 4-7 (names as the DiffusionCoefficients fields)."""
   alphas = 1.0 - betas
@@ -123,7 +99,6 @@ def _tables(betas: np.ndarray) -> dict[str, np.ndarray]:
       'betas': betas,
       'alphas_cumprod': abar,
       'alphas_cumprod_prev': abar_prev,
-      'alphas_cumprod_next': np.append(abar[1:], 0.0),
       'sqrt_alphas_cumprod': np.sqrt(abar),
       'sqrt_one_minus_alphas_cumprod': np.sqrt(one_minus_abar),
       'log_one_minus_alphas_cumprod': log_one_minus_abar,
@@ -173,54 +148,26 @@ def make_coefficients(betas: np.ndarray, *, mean_type: str = 'eps', var_type: st
       loss_type=loss_type, hybrid_lambda=float(hybrid_lambda))
 
 
-def coefficients_from_config(diffusion_config: ml_collections.ConfigDict, *, respacing: str = '',
-                             dtype=jnp.float32) -> DiffusionCoefficients:
-  """DiffusionCoefficients for `config.diffusion` (DDPM §2, §4; iDDPM §3, §4 when respaced).
+def respaced_coefficients(betas: np.ndarray, use_timesteps: Sequence[int],
+                          **make_coefficients_kwargs) -> DiffusionCoefficients:
+  """Coefficients of the process restricted to the steps S = use_timesteps (iDDPM §4).
+
+  beta_{S_i} = 1 - abar_{S_i} / abar_{S_{i-1}} (abar before the first step is 1), so abar of the new
+  process equals the original abar at every kept step; beta~ follows from the new betas, and
+  timestep_map = S so that the network still sees the original timestep (`respace.respace_betas`).
 
   Args:
-    diffusion_config: the `diffusion` sub-config (num_timesteps, beta_schedule, beta_start,
-      beta_end, mean_type, var_type, loss_type, hybrid_lambda).
-    respacing: '' for all T steps, else a `space_timesteps` spec ('250', '10,10,10', 'ddim50'), e.g.
-      `config.sampling.timestep_respacing`.
-    dtype: floating dtype of the tables.
-  Raises:
-    ValueError: naming the `diffusion.` field (or `respacing`) that is invalid.
+    betas: the original float [T] schedule.
+    use_timesteps: the 0-based indices to keep (e.g. from `space_timesteps`), any order.
+    **make_coefficients_kwargs: mean_type, var_type, loss_type, hybrid_lambda, dtype.
+  Returns:
+    DiffusionCoefficients with num_timesteps = len(use_timesteps).
   """
-  # Imported here: respace builds on this module.
-  from ddpm_jax.diffusion import respace  # pylint: disable=g-import-not-at-top
-  c = diffusion_config
-  try:
-    betas = schedules.get_beta_schedule(c.beta_schedule, num_timesteps=c.num_timesteps,
-                                        beta_start=c.beta_start, beta_end=c.beta_end)
-    kwargs = dict(mean_type=c.mean_type, var_type=c.var_type, loss_type=c.loss_type,
-                  hybrid_lambda=c.hybrid_lambda, dtype=dtype)
-    if not respacing:
-      return make_coefficients(betas, **kwargs)
-  except ValueError as e:
-    raise ValueError(f'Invalid config.diffusion: {e}') from e
-  try:
-    use_timesteps = respace.space_timesteps(c.num_timesteps, respacing)
-  except ValueError as e:
-    raise ValueError(f'Invalid respacing={respacing!r}: {e}') from e
-  return respace.respaced_coefficients(betas, use_timesteps, **kwargs)
-
-
-def _check_t(t: jax.Array, num_timesteps: int, batch: int | None) -> None:
-  """Shape/dtype checks always; range checks when t is concrete (outside jit)."""
-  t_shape, t_dtype = jnp.shape(t), jnp.result_type(t)
-  if len(t_shape) != 1 or (batch is not None and t_shape[0] != batch):
-    want = f'[{batch}]' if batch is not None else '[B]'
-    raise ValueError(f't must be an int array of shape {want} (one index per example), got shape '
-                     f'{list(t_shape)}.')
-  if not jnp.issubdtype(t_dtype, jnp.integer):
-    raise ValueError(f't must hold integer timestep indices, got dtype {t_dtype}.')
-  try:
-    t_np = np.asarray(t)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return  # Traced: jnp indexing would clamp silently, nothing more can be checked here.
-  if t_np.size and (t_np.min() < 0 or t_np.max() >= num_timesteps):
-    raise ValueError(f't must lie in [0, {num_timesteps - 1}] (0-based index of the paper\'s '
-                     f't = 1..{num_timesteps}), got values in [{t_np.min()}, {t_np.max()}].')
+  if 'timestep_map' in make_coefficients_kwargs:
+    raise ValueError('respaced_coefficients sets timestep_map itself (to use_timesteps); do not '
+                     'pass it.')
+  respaced_betas, timestep_map = respace.respace_betas(betas, use_timesteps)
+  return make_coefficients(respaced_betas, timestep_map=timestep_map, **make_coefficients_kwargs)
 
 
 def extract(a: jax.Array, t: jax.Array, shape: Sequence[int]) -> jax.Array:
@@ -241,3 +188,14 @@ def extract(a: jax.Array, t: jax.Array, shape: Sequence[int]) -> jax.Array:
     raise ValueError(f'shape must start with the batch dimension, got {tuple(shape)}.')
   _check_t(t, jnp.shape(a)[0], shape[0])
   return jnp.reshape(jnp.asarray(a)[t], (shape[0],) + (1,) * (len(shape) - 1))
+
+
+def model_output(coefs: DiffusionCoefficients, model_fn: ModelFn, x_t: jax.Array,
+                 t: jax.Array) -> jax.Array:
+  """The network's output at table indices t [B], in x_t's dtype (iDDPM §4).
+
+  The network is conditioned on the timestep of the original process, coefs.timestep_map[t]: the
+  index itself unless the tables are respaced. The cast keeps the chain or the loss in x_t's dtype
+  whatever dtype the network returns (the U-Net's head is float32, like x_t: a no-op there).
+  """
+  return model_fn(x_t, coefs.timestep_map[t]).astype(x_t.dtype)

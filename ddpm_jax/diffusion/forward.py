@@ -5,16 +5,9 @@ Images are float arrays [B, H, W, C] in [-1, 1]; t is an int32 array [B] of 0-ba
 """
 
 import jax
-import jax.numpy as jnp
 
+from ddpm_jax.diffusion._checks import _check_same_shape
 from ddpm_jax.diffusion.coefficients import DiffusionCoefficients, extract
-
-
-def _check_same_shape(**arrays: jax.Array) -> None:
-  shapes = {name: tuple(jnp.shape(x)) for name, x in arrays.items()}
-  if len(set(shapes.values())) != 1:
-    raise ValueError(f'{" and ".join(shapes)} must have the same shape, got '
-                     + ', '.join(f'{name} {list(s)}' for name, s in shapes.items()) + '.')
 
 
 def q_mean_variance(coefs: DiffusionCoefficients, x_start: jax.Array,

@@ -9,8 +9,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.diffusion._checks import _check_same_shape
 from ddpm_jax.diffusion.coefficients import DiffusionCoefficients
-from ddpm_jax.diffusion.forward import _check_same_shape, q_mean_variance, q_posterior_mean_variance
+from ddpm_jax.diffusion.forward import q_mean_variance, q_posterior_mean_variance
 from ddpm_jax.diffusion.reverse import p_mean_variance
 
 # Floor on probabilities before the log, as in the DDPM code: finite NLL for far-off means.

@@ -4,17 +4,13 @@
 this module never sees the network itself.
 """
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.diffusion.coefficients import DiffusionCoefficients
+from ddpm_jax.diffusion.coefficients import DiffusionCoefficients, ModelFn, model_output
 from ddpm_jax.diffusion.forward import q_posterior_mean_variance, q_sample
 from ddpm_jax.diffusion.likelihood import mean_flat, vb_terms_bpd
 from ddpm_jax.diffusion.reverse import LEARNED_VAR_TYPES, split_model_output
-
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def _check_loss_compatible(coefs: DiffusionCoefficients) -> None:
@@ -63,7 +59,8 @@ def training_losses(coefs: DiffusionCoefficients, model_fn: ModelFn, x_start: ja
   Args:
     coefs: the diffusion tables (mean_type, var_type, loss_type, hybrid_lambda).
     model_fn: (x_t [B, H, W, C], t_model int32 [B]) -> output [B, H, W, C] or [B, H, W, 2C] for
-      learned variances; t_model = coefs.timestep_map[t], the original timestep when respaced.
+      learned variances; t_model = coefs.timestep_map[t], the original timestep when respaced (see
+      `model_output`, which also casts the output to x_t's dtype).
     x_start: x_0, [B, H, W, C] in [-1, 1] (the 256-level grid, for the decoder term at t = 0).
     t: int [B] indices, from `sample_uniform` or the importance sampler.
     key: PRNG key for the noise: eps = jax.random.normal(key, x_start.shape, dtype), with dtype that
@@ -81,15 +78,15 @@ def training_losses(coefs: DiffusionCoefficients, model_fn: ModelFn, x_start: ja
   x_start = x_start.astype(jnp.promote_types(x_start.dtype, coefs.betas.dtype))
   noise = jax.random.normal(key, x_start.shape, x_start.dtype)
   x_t = q_sample(coefs, x_start, t, noise)
-  model_output = model_fn(x_t, coefs.timestep_map[t])
+  output = model_output(coefs, model_fn, x_t, t)
 
   terms = {}
   if coefs.loss_type in ('kl', 'rescaled_kl'):
-    terms['vb'] = vb_terms_bpd(coefs, model_output, x_start, x_t, t, clip_denoised=False)['output']
+    terms['vb'] = vb_terms_bpd(coefs, output, x_start, x_t, t, clip_denoised=False)['output']
     terms['loss'] = _vb_scale(coefs) * terms['vb']
     return terms
 
-  mean_out, var_out = split_model_output(coefs, model_output, x_t)
+  mean_out, var_out = split_model_output(coefs, output, x_t)
   terms['mse'] = mean_flat((_mse_target(coefs, x_start, x_t, t, noise) - mean_out)**2)
   terms['loss'] = terms['mse']
   if var_out is not None:

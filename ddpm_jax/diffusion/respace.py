@@ -1,16 +1,16 @@
-"""Sampling with fewer steps: a subsequence S of the T timesteps (iDDPM §4).
+"""Sampling with fewer steps: a subsequence S of the T timesteps (iDDPM §4), in numpy on the betas.
 
 The respaced process keeps abar at the kept steps, beta_{S_i} = 1 - abar_{S_i} / abar_{S_{i-1}}, and
 remembers the original index of each step in `timestep_map`, which is what the network is shown.
+`coefficients.respaced_coefficients` builds the tables from this module's output.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from ddpm_jax.diffusion.coefficients import (DiffusionCoefficients, make_coefficients,
-                                             one_minus_alphas_cumprod)
-from ddpm_jax.diffusion.schedules import _check_num_timesteps
+from ddpm_jax.diffusion._checks import _check_betas, _check_positive_int
+from ddpm_jax.diffusion.schedules import one_minus_alphas_cumprod
 
 
 def _ddim_stride_steps(num_timesteps: int, desired: int) -> np.ndarray:
@@ -67,7 +67,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
   Raises:
     ValueError: for an unparsable spec, a count < 1, or a section with fewer steps than asked for.
   """
-  _check_num_timesteps(num_timesteps)
+  _check_positive_int('num_timesteps', num_timesteps)
   if isinstance(section_counts, str) and section_counts.startswith('ddim'):
     desired = section_counts[len('ddim'):]
     if not desired.isdigit() or int(desired) < 1:
@@ -107,27 +107,22 @@ def _respaced_betas(betas: np.ndarray, steps: np.ndarray) -> np.ndarray:
                    for start, stop in zip(starts, steps)], dtype=np.float64)
 
 
-def respaced_coefficients(betas: np.ndarray, use_timesteps: Sequence[int],
-                          **make_coefficients_kwargs) -> DiffusionCoefficients:
-  """Coefficients of the process restricted to the steps S = use_timesteps (iDDPM §4).
+def respace_betas(betas: np.ndarray,
+                  use_timesteps: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """The schedule of the process restricted to the steps S = use_timesteps (iDDPM §4).
 
   beta_{S_i} = 1 - abar_{S_i} / abar_{S_{i-1}} (abar before the first step is 1), so abar of the new
-  process equals the original abar at every kept step; beta~ follows from the new betas, and
-  timestep_map = S so that the network still sees the original timestep.
+  process equals the original abar at every kept step.
 
   Args:
-    betas: the original float [T] schedule.
+    betas: the original float [T] schedule, in (0, 1].
     use_timesteps: the 0-based indices to keep (e.g. from `space_timesteps`), any order.
-    **make_coefficients_kwargs: mean_type, var_type, loss_type, hybrid_lambda, dtype.
   Returns:
-    DiffusionCoefficients with num_timesteps = len(use_timesteps).
+    (betas float64 [K], timestep_map int [K]): the respaced schedule and S sorted, the original
+    timestep the network must see at each of the K new indices.
+  Raises:
+    ValueError: for bad betas, or use_timesteps that are not distinct indices in [0, T).
   """
-  if 'timestep_map' in make_coefficients_kwargs:
-    raise ValueError('respaced_coefficients sets timestep_map itself (to use_timesteps); do not '
-                     'pass it.')
-  betas = np.asarray(betas, dtype=np.float64)
-  if betas.ndim != 1:
-    raise ValueError(f'betas must be a 1-D array [T], got shape {betas.shape}.')
+  betas = _check_betas(betas)
   steps = _check_use_timesteps(use_timesteps, betas.shape[0])
-  return make_coefficients(_respaced_betas(betas, steps), timestep_map=steps,
-                           **make_coefficients_kwargs)
+  return _respaced_betas(betas, steps), steps

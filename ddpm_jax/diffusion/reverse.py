@@ -7,8 +7,9 @@ involved. Images are float arrays [B, H, W, C]; t is an int32 array [B] of 0-bas
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.diffusion._checks import _check_same_shape
 from ddpm_jax.diffusion.coefficients import DiffusionCoefficients, extract
-from ddpm_jax.diffusion.forward import _check_same_shape, q_posterior_mean_variance
+from ddpm_jax.diffusion.forward import q_posterior_mean_variance
 
 LEARNED_VAR_TYPES = ('learned', 'learned_range')
 

@@ -2,11 +2,14 @@
 
 Every schedule is computed in float64 numpy and returned as a float64 array of shape [T]; index i
 holds the paper's beta_{i+1}. Casting to the training dtype happens once, in `make_coefficients`.
+`one_minus_alphas_cumprod` is the one quantity of the betas that respacing and the tables share.
 """
 
 import math
 
 import numpy as np
+
+from ddpm_jax.diffusion._checks import _check_choice, _check_positive_int
 
 BETA_SCHEDULES = ('linear', 'linear_rescaled', 'quad', 'warmup10', 'warmup50', 'const', 'jsd',
                   'cosine')
@@ -16,19 +19,26 @@ COSINE_S = 0.008
 COSINE_MAX_BETA = 0.999
 
 
-def _check_num_timesteps(num_timesteps: int) -> None:
-  if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)):
-    raise ValueError(f'num_timesteps must be an int >= 1, got {num_timesteps!r} '
-                     f'({type(num_timesteps).__name__}).')
-  if num_timesteps < 1:
-    raise ValueError(f'num_timesteps must be >= 1, got {num_timesteps}.')
-
-
 def _check_beta_range(beta_start: float, beta_end: float, what: str = '') -> None:
   # DDPM requires 0 < beta <= 1; a decreasing range is almost certainly swapped arguments.
   if not (0.0 < beta_start <= beta_end <= 1.0):
     raise ValueError(f'{what}beta_start={beta_start!r} and beta_end={beta_end!r} must satisfy '
                      '0 < beta_start <= beta_end <= 1.')
+
+
+def one_minus_alphas_cumprod(betas: np.ndarray) -> np.ndarray:
+  """1 - abar_t = 1 - prod_{s<=t} (1 - beta_s) for t = 1..T, float64 [T], without cancellation.
+
+  Subtracting abar ~ 1 - 1e-5 from 1 would keep only ~11 of float64's 16 digits at the first
+  steps; accumulating g <- g + beta (1 - g) instead keeps every term positive and full precision
+  (DDPM eq. 4).
+  """
+  out = np.empty(len(betas), dtype=np.float64)
+  g = 0.0
+  for i, beta in enumerate(np.asarray(betas, dtype=np.float64)):
+    g = g + beta * (1.0 - g)
+    out[i] = g
+  return out
 
 
 def _warmup_betas(beta_start: float, beta_end: float, num_timesteps: int,
@@ -81,9 +91,8 @@ def get_beta_schedule(name: str, *, num_timesteps: int, beta_start: float = 1e-4
   Raises:
     ValueError: for an unknown name, T < 1 or a beta range outside 0 < beta_start <= beta_end <= 1.
   """
-  if name not in BETA_SCHEDULES:
-    raise ValueError(f'beta_schedule={name!r} is not one of {BETA_SCHEDULES}.')
-  _check_num_timesteps(num_timesteps)
+  _check_choice('beta_schedule', name, BETA_SCHEDULES)
+  _check_positive_int('num_timesteps', num_timesteps)
   t = int(num_timesteps)
   if name == 'cosine':
     return _cosine_betas(t)

@@ -7,7 +7,8 @@ function, so it can live in the train state, be checkpointed and be donated like
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from ddpm_jax.diffusion._checks import _check_positive_int
 
 
 def sample_uniform(key: jax.Array, batch_size: int,
@@ -17,8 +18,8 @@ def sample_uniform(key: jax.Array, batch_size: int,
   Returns:
     (t int32 [batch_size], weights float32 [batch_size] of ones).
   """
-  _check_positive('batch_size', batch_size)
-  _check_positive('num_timesteps', num_timesteps)
+  _check_positive_int('batch_size', batch_size)
+  _check_positive_int('num_timesteps', num_timesteps)
   t = jax.random.randint(key, (batch_size,), 0, num_timesteps, dtype=jnp.int32)
   return t, jnp.ones((batch_size,), jnp.float32)
 
@@ -34,11 +35,6 @@ class LossSecondMomentState:
   counts: jax.Array
 
 
-def _check_positive(name: str, value: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f'{name} must be an int >= 1, got {value!r}.')
-
-
 def init_loss_second_moment(num_timesteps: int,
                             history_per_term: int = 10) -> LossSecondMomentState:
   """An empty loss history: T rows of H = 10 slots in iDDPM §3.3.
@@ -46,8 +42,8 @@ def init_loss_second_moment(num_timesteps: int,
   Returns:
     LossSecondMomentState with history float32 [T, H] of zeros and counts int32 [T] of zeros.
   """
-  _check_positive('num_timesteps', num_timesteps)
-  _check_positive('history_per_term', history_per_term)
+  _check_positive_int('num_timesteps', num_timesteps)
+  _check_positive_int('history_per_term', history_per_term)
   return LossSecondMomentState(history=jnp.zeros((num_timesteps, history_per_term), jnp.float32),
                                counts=jnp.zeros((num_timesteps,), jnp.int32))
 
@@ -85,7 +81,7 @@ def sample_loss_second_moment(state: LossSecondMomentState, key: jax.Array, batc
   Returns:
     (t int32 [batch_size], weights float32 [batch_size]).
   """
-  _check_positive('batch_size', batch_size)
+  _check_positive_int('batch_size', batch_size)
   probs = loss_second_moment_probs(state, uniform_prob)
   num_timesteps = probs.shape[0]
   t = jax.random.choice(key, num_timesteps, (batch_size,), p=probs).astype(jnp.int32)
