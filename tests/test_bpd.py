@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import random_params, run_with_devices, tiny_config
-from ddpm_jax import diffusion, models, parallel
+from ddpm_jax import diffusion, models, parallel, streams
 from ddpm_jax.evaluation import bpd, rate_distortion
-from ddpm_jax.sampling import loop
 
 T = 10
 BETAS = np.linspace(1e-3, 0.2, T)
@@ -101,7 +100,7 @@ def test_calc_bpd_loop_matches_float64_reference(var_type, clip):
 def test_per_example_keys_make_each_row_independent_of_its_batch():
   coefs = diffusion.make_coefficients(BETAS)
   x0 = jnp.float32(grid_images(1))
-  keys = loop.per_sample_keys(jax.random.key(0), jnp.arange(3))
+  keys = streams.per_sample_keys(jax.random.key(0), jnp.arange(3))
   full = bpd.calc_bpd_loop(coefs, toy_model_fn, x0, keys)
   single = bpd.calc_bpd_loop(coefs, toy_model_fn, x0[2:], keys[2:])
   for name in ('total_bpd', 'vb', 'mse'):
@@ -135,7 +134,7 @@ def test_dataset_bpd_counts_every_example_once_despite_padding(unet):
   model_fn = lambda x, t: models.create_model(config).apply({'params': params}, x, t, train=False)
   coefs = diffusion.coefficients_from_config(config.diffusion)
   direct = bpd.calc_bpd_loop(coefs, model_fn, jnp.asarray(_dataset() / 127.5 - 1.0, jnp.float32),
-                             loop.per_sample_keys(jax.random.key(9), jnp.arange(10)),
+                             streams.per_sample_keys(jax.random.key(9), jnp.arange(10)),
                              clip_denoised=True)
   np.testing.assert_allclose(padded['total_bpd'], np.mean(direct['total_bpd']), rtol=1e-5)
   for name in ('prior_bpd', 'vb', 'xstart_mse', 'mse'):

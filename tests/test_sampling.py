@@ -26,7 +26,7 @@ def coefs_for(var_type='fixed_large', **kw):
 
 
 def keys_for(indices, seed=0):
-  return loop.per_sample_keys(jax.random.key(seed), jnp.asarray(indices, jnp.int32))
+  return sampling.per_sample_keys(jax.random.key(seed), jnp.asarray(indices, jnp.int32))
 
 
 # --- float64 numpy reference of DDPM eq. 4-7, Alg. 2 and DDIM eq. 12 ------------------------------

@@ -8,7 +8,8 @@ batches.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +18,9 @@ from absl import logging
 from jax.sharding import Mesh
 
 from ddpm_jax import data, diffusion, parallel
-from ddpm_jax.sampling.ancestral import model_output
-from ddpm_jax.sampling.loop import ModelFn, per_sample_keys, per_sample_normal
-from ddpm_jax.sampling.sample_fn import make_model_fn
+from ddpm_jax.diffusion import ModelFn, model_output
+from ddpm_jax.sampling import make_model_fn
+from ddpm_jax.streams import per_sample_keys, per_sample_normal
 
 # Per-example outputs of calc_bpd_loop: [B] scalars and [B, T] per-timestep terms.
 SCALAR_TERMS = ('total_bpd', 'prior_bpd')

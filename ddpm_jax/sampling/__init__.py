@@ -8,14 +8,22 @@ interpolate jobs.
 from ddpm_jax.sampling.ancestral import p_sample, p_sample_loop
 from ddpm_jax.sampling.ddim import ddim_sample, ddim_sample_loop
 from ddpm_jax.sampling.interpolation import decode, encode, interpolate
-from ddpm_jax.sampling.loop import per_sample_keys, per_sample_normal, prior_noise, reverse_loop
+from ddpm_jax.sampling.loop import prior_noise, reverse_loop, sample_loop
 from ddpm_jax.sampling.progressive import progressive_sample_loop, recorded_steps
-from ddpm_jax.sampling.sample_fn import make_model_fn, make_sample_fn, make_step_fn
-from ddpm_jax.sampling.sample_fn import sampling_coefficients, step_fn_from_config
+from ddpm_jax.sampling.sample_fn import (
+    METHODS,
+    image_shape,
+    make_model_fn,
+    make_sample_fn,
+    make_step_fn,
+    sampling_coefficients,
+    step_fn_from_config,
+)
+from ddpm_jax.streams import per_sample_keys, per_sample_normal  # re-exported: the seed's streams
 
 __all__ = [
-    'ddim_sample', 'ddim_sample_loop', 'decode', 'encode', 'interpolate', 'make_model_fn',
-    'make_sample_fn', 'make_step_fn', 'p_sample', 'p_sample_loop', 'per_sample_keys',
-    'per_sample_normal', 'prior_noise', 'progressive_sample_loop', 'recorded_steps', 'reverse_loop',
-    'sampling_coefficients', 'step_fn_from_config',
+    'METHODS', 'ddim_sample', 'ddim_sample_loop', 'decode', 'encode', 'image_shape', 'interpolate',
+    'make_model_fn', 'make_sample_fn', 'make_step_fn', 'p_sample', 'p_sample_loop',
+    'per_sample_keys', 'per_sample_normal', 'prior_noise', 'progressive_sample_loop',
+    'recorded_steps', 'reverse_loop', 'sample_loop', 'sampling_coefficients', 'step_fn_from_config',
 ]

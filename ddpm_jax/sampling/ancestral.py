@@ -7,19 +7,13 @@ and a `timestep_map` that tells which original timestep the network must see at 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from ddpm_jax import diffusion
-from ddpm_jax.sampling.loop import ModelFn, prior_noise, reverse_loop
-
-
-def model_output(coefs: diffusion.DiffusionCoefficients, model_fn: ModelFn, x_t: jax.Array,
-                 t: jax.Array) -> jax.Array:
-  """The network's output at table indices t [B]; it is conditioned on the original timestep."""
-  return model_fn(x_t, coefs.timestep_map[t]).astype(x_t.dtype)
+from ddpm_jax.sampling.loop import sample_loop
 
 
 def nonzero_mask(t: jax.Array, x: jax.Array) -> jax.Array:
@@ -27,7 +21,7 @@ def nonzero_mask(t: jax.Array, x: jax.Array) -> jax.Array:
   return (t != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def p_sample(coefs: diffusion.DiffusionCoefficients, model_fn: ModelFn, x_t: jax.Array,
+def p_sample(coefs: diffusion.DiffusionCoefficients, model_fn: diffusion.ModelFn, x_t: jax.Array,
              t: jax.Array, noise: jax.Array, *, clip_denoised: bool = True) -> dict[str, jax.Array]:
   """One step x_{t-1} = mu_theta(x_t, t) + sigma_t z (DDPM Alg. 2, line 4).
 
@@ -42,14 +36,14 @@ def p_sample(coefs: diffusion.DiffusionCoefficients, model_fn: ModelFn, x_t: jax
   Returns:
     {'sample': x_{t-1} [B, H, W, C], 'pred_xstart': x0_hat [B, H, W, C]}.
   """
-  out = diffusion.p_mean_variance(coefs, model_output(coefs, model_fn, x_t, t), x_t, t,
+  out = diffusion.p_mean_variance(coefs, diffusion.model_output(coefs, model_fn, x_t, t), x_t, t,
                                   clip_denoised=clip_denoised)
   sigma = jnp.exp(0.5 * out['log_variance']).astype(x_t.dtype)
   sample = out['mean'] + nonzero_mask(t, x_t) * sigma * noise
   return {'sample': sample.astype(x_t.dtype), 'pred_xstart': out['pred_xstart']}
 
 
-def p_sample_loop(coefs: diffusion.DiffusionCoefficients, model_fn: ModelFn, keys: jax.Array,
+def p_sample_loop(coefs: diffusion.DiffusionCoefficients, model_fn: diffusion.ModelFn, keys: jax.Array,
                   shape: Sequence[int], *, clip_denoised: bool = True,
                   noise: jax.Array | None = None) -> jax.Array:
   """DDPM Algorithm 2 over the K = coefs.num_timesteps steps of `coefs`, as one compiled loop.
@@ -66,17 +60,4 @@ def p_sample_loop(coefs: diffusion.DiffusionCoefficients, model_fn: ModelFn, key
   """
   def step(x, t, z):
     return p_sample(coefs, model_fn, x, t, z, clip_denoised=clip_denoised)
-  x_init = initial_state(coefs, keys, shape, noise)
-  return reverse_loop(step, x_init, keys, coefs.num_timesteps - 1)[0]
-
-
-def initial_state(coefs: diffusion.DiffusionCoefficients, keys: jax.Array, shape: Sequence[int],
-                  noise: jax.Array | None) -> jax.Array:
-  """x_T in the tables' dtype: `noise` if given (checked against `shape`), else drawn per sample."""
-  dtype = coefs.betas.dtype
-  if noise is None:
-    return prior_noise(keys, coefs.num_timesteps, shape[1:], dtype)
-  if tuple(noise.shape) != tuple(shape):
-    raise ValueError(f'noise (x_T) must have the sample shape {tuple(shape)}, '
-                     f'got {tuple(noise.shape)}')
-  return noise.astype(dtype)
+  return sample_loop(step, keys, shape, coefs.num_timesteps, coefs.betas.dtype, noise=noise)[0]

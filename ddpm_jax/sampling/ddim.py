@@ -7,17 +7,17 @@ eta = 0 is deterministic given x_T; eta = 1 has the variance of the DDPM posteri
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from ddpm_jax import diffusion
-from ddpm_jax.sampling.ancestral import initial_state, model_output, nonzero_mask
-from ddpm_jax.sampling.loop import ModelFn, reverse_loop
+from ddpm_jax.sampling.ancestral import nonzero_mask
+from ddpm_jax.sampling.loop import sample_loop
 
 
-def ddim_sample(coefs: diffusion.DiffusionCoefficients, model_fn: ModelFn, x_t: jax.Array,
+def ddim_sample(coefs: diffusion.DiffusionCoefficients, model_fn: diffusion.ModelFn, x_t: jax.Array,
                 t: jax.Array, noise: jax.Array, *, eta: float = 0.0,
                 clip_denoised: bool = True) -> dict[str, jax.Array]:
   """One DDIM step from table index t (int32 [B]) to t - 1.
@@ -34,7 +34,7 @@ def ddim_sample(coefs: diffusion.DiffusionCoefficients, model_fn: ModelFn, x_t: 
   Returns:
     {'sample': x_{t-1} [B, H, W, C], 'pred_xstart': x0_hat [B, H, W, C]}.
   """
-  out = diffusion.p_mean_variance(coefs, model_output(coefs, model_fn, x_t, t), x_t, t,
+  out = diffusion.p_mean_variance(coefs, diffusion.model_output(coefs, model_fn, x_t, t), x_t, t,
                                   clip_denoised=clip_denoised)
   # out['eps'] is re-derived from the clipped x0_hat when clipping, keeping the update consistent.
   eps = out['eps']
@@ -48,7 +48,7 @@ def ddim_sample(coefs: diffusion.DiffusionCoefficients, model_fn: ModelFn, x_t: 
   return {'sample': sample.astype(x_t.dtype), 'pred_xstart': out['pred_xstart']}
 
 
-def ddim_sample_loop(coefs: diffusion.DiffusionCoefficients, model_fn: ModelFn, keys: jax.Array,
+def ddim_sample_loop(coefs: diffusion.DiffusionCoefficients, model_fn: diffusion.ModelFn, keys: jax.Array,
                      shape: Sequence[int], *, eta: float = 0.0, clip_denoised: bool = True,
                      noise: jax.Array | None = None) -> jax.Array:
   """DDIM over the K = coefs.num_timesteps steps of `coefs` (typically 'ddim50'), one compiled loop.
@@ -57,5 +57,4 @@ def ddim_sample_loop(coefs: diffusion.DiffusionCoefficients, model_fn: ModelFn, 
   """
   def step(x, t, z):
     return ddim_sample(coefs, model_fn, x, t, z, eta=eta, clip_denoised=clip_denoised)
-  x_init = initial_state(coefs, keys, shape, noise)
-  return reverse_loop(step, x_init, keys, coefs.num_timesteps - 1)[0]
+  return sample_loop(step, keys, shape, coefs.num_timesteps, coefs.betas.dtype, noise=noise)[0]

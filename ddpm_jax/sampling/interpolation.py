@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from ddpm_jax import diffusion
-from ddpm_jax.sampling.loop import StepFn, per_sample_normal, reverse_loop
+from ddpm_jax.sampling.loop import StepFn, reverse_loop
+from ddpm_jax.streams import per_sample_normal
 
 
 def _check_t(coefs: diffusion.DiffusionCoefficients, t: int) -> None:

@@ -9,31 +9,21 @@ the other samples of its batch, nor on the batch size, nor on the number of devi
 A sampler is a `step_fn(x_t, t, noise) -> {'sample': x_{t-1}, 'pred_xstart': x0_hat}`
 (x_t [B, H, W, C], t int32 [B], noise [B, H, W, C] ~ N(0, I)); `reverse_loop` runs it for
 t = first_step .. 0 in one `lax.fori_loop`, so a chain of any length is one compiled program.
+`sample_loop` is the whole of DDPM Algorithm 2 for any step_fn (x_T, then the reverse loop): the
+public samplers, progressive generation and the compiled `make_sample_fn` all run it.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax.streams import per_sample_normal
+
 StepFn = Callable[[jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-def per_sample_keys(base_key: jax.Array, indices: jax.Array) -> jax.Array:
-  """Keys [B], keys[i] = fold_in(base_key, indices[i]); indices: int [B] global sample indices."""
-  return jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices)
-
-
-def per_sample_normal(keys: jax.Array, stream: int | jax.Array, shape: Sequence[int],
-                      dtype=jnp.float32) -> jax.Array:
-  """Standard normal [B, *shape], row i drawn from fold_in(keys[i], stream) alone."""
-  def draw(key):
-    return jax.random.normal(jax.random.fold_in(key, stream), tuple(shape), dtype)
-  return jax.vmap(draw)(keys)
 
 
 def prior_noise(keys: jax.Array, num_steps: int, shape: Sequence[int],
@@ -105,3 +95,30 @@ def reverse_loop(step_fn: StepFn, x_init: jax.Array, keys: jax.Array, first_step
     return out['sample'].astype(dtype), records
 
   return jax.lax.fori_loop(0, first_step + 1, body, (x_init, records))
+
+
+def sample_loop(step_fn: StepFn, keys: jax.Array, shape: Sequence[int], num_steps: int, dtype, *,
+                noise: jax.Array | None = None,
+                record_every: int = 0) -> tuple[jax.Array, jax.Array | None]:
+  """DDPM Algorithm 2 for any sampler: x_T ~ N(0, I), then `num_steps` reverse steps to x_0.
+
+  Args:
+    step_fn: one reverse step over table indices num_steps - 1 .. 0.
+    keys: typed keys [B], one per sample; x_T comes from stream `num_steps` of each key (see
+      `prior_noise`), the noise of step t from stream t.
+    shape: [B, H, W, C] of the samples.
+    num_steps: K, the number of steps of the sampler's tables (coefs.num_timesteps).
+    dtype: dtype of the whole chain (the tables' dtype).
+    noise: optional x_T [B, H, W, C] instead of drawing it from the keys; cast to dtype.
+    record_every: as `reverse_loop`.
+  Returns:
+    (x_0 [B, H, W, C], records as `reverse_loop`).
+  """
+  if noise is None:
+    x_init = prior_noise(keys, num_steps, shape[1:], dtype)
+  elif tuple(noise.shape) != tuple(shape):
+    raise ValueError(f'noise (x_T) must have the sample shape {tuple(shape)}, '
+                     f'got {tuple(noise.shape)}')
+  else:
+    x_init = noise.astype(dtype)
+  return reverse_loop(step_fn, x_init, keys, num_steps - 1, record_every=record_every)

@@ -6,13 +6,13 @@ at one step, the last column (step 0) is the final sample's x0_hat.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 
 from ddpm_jax import diffusion
-from ddpm_jax.sampling.loop import StepFn, prior_noise, record_slots, reverse_loop
+from ddpm_jax.sampling.loop import StepFn, record_slots, sample_loop
 
 
 def recorded_steps(num_steps: int, every: int) -> np.ndarray:
@@ -37,6 +37,6 @@ def progressive_sample_loop(coefs: diffusion.DiffusionCoefficients, step_fn: Ste
     (x0 [B, H, W, C], pred_xstart [B, R, H, W, C]) where column r is x0_hat at step
     `recorded_steps(K, every)[r]`.
   """
-  x_init = prior_noise(keys, coefs.num_timesteps, shape[1:], coefs.betas.dtype)
-  x0, records = reverse_loop(step_fn, x_init, keys, coefs.num_timesteps - 1, record_every=every)
+  x0, records = sample_loop(step_fn, keys, shape, coefs.num_timesteps, coefs.betas.dtype,
+                            record_every=every)
   return x0, records.swapaxes(0, 1)

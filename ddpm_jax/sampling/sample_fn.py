@@ -8,7 +8,8 @@ exactly the samples it is missing.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,18 +20,20 @@ from jax.sharding import Mesh
 from ddpm_jax import diffusion, parallel
 from ddpm_jax.sampling.ancestral import p_sample
 from ddpm_jax.sampling.ddim import ddim_sample
-from ddpm_jax.sampling.loop import ModelFn, StepFn, per_sample_keys, prior_noise, reverse_loop
+from ddpm_jax.sampling.loop import StepFn, sample_loop
+from ddpm_jax.streams import per_sample_keys
 
+# The reverse steps `make_step_fn` builds (config.sampling.method).
 METHODS = ('ancestral', 'ddim')
 SampleFn = Callable[[Any, jax.Array, Any], jax.Array]
 
 
-def make_model_fn(model: Any, params: Any) -> ModelFn:
+def make_model_fn(model: Any, params: Any) -> diffusion.ModelFn:
   """model_fn(x_t [B, H, W, C], timestep int32 [B]) -> output, evaluation mode (no dropout)."""
   return lambda x, t: model.apply({'params': params}, x, t, train=False)
 
 
-def make_step_fn(coefs: diffusion.DiffusionCoefficients, model_fn: ModelFn, *, method: str,
+def make_step_fn(coefs: diffusion.DiffusionCoefficients, model_fn: diffusion.ModelFn, *, method: str,
                  eta: float = 0.0, clip_denoised: bool = True) -> StepFn:
   """One reverse step: 'ancestral' (DDPM Alg. 2; respaced when `coefs` are) or 'ddim'."""
   if method == 'ancestral':
@@ -53,7 +56,7 @@ def sampling_coefficients(config: ml_collections.ConfigDict,
 
 
 def step_fn_from_config(config: ml_collections.ConfigDict, coefs: diffusion.DiffusionCoefficients,
-                        model_fn: ModelFn) -> StepFn:
+                        model_fn: diffusion.ModelFn) -> StepFn:
   s = config.sampling
   return make_step_fn(coefs, model_fn, method=s.method, eta=float(s.ddim_eta),
                       clip_denoised=bool(s.clip_denoised))
@@ -101,8 +104,8 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: Any, mesh: Mesh) ->
   def sample(params, base_key, indices):
     keys = per_sample_keys(base_key, indices)
     step = step_fn_from_config(config, coefs, make_model_fn(model, params))
-    x_init = prior_noise(keys, coefs.num_timesteps, shape, coefs.betas.dtype)
-    x0, _ = reverse_loop(step, x_init, keys, coefs.num_timesteps - 1)
+    x0, _ = sample_loop(step, keys, (keys.shape[0],) + shape, coefs.num_timesteps,
+                        coefs.betas.dtype)
     # Unclipped samplers can overshoot slightly; images are [-1, 1] by contract.
     return jnp.clip(x0, -1.0, 1.0)
 
