@@ -79,6 +79,81 @@ def test_unknown_metric():
   _bad(lambda c: setattr(c.eval, 'metrics', ('bpd', 'kid')), 'eval.metrics', 'kid')
 
 
+@pytest.mark.parametrize('section, field, value, allowed', [
+    ('optim', 'learning_rate', float('nan'), '> 0'),
+    ('optim', 'learning_rate', float('inf'), '> 0'),
+    ('optim', 'learning_rate', float('-inf'), '> 0'),
+    ('training', 'ema_decay', float('nan'), 'in [0, 1)'),
+    ('diffusion', 'beta_end', float('nan'), 'in (0, 1]'),
+    ('diffusion', 'beta_start', float('inf'), 'in (0, 1]'),
+    ('optim', 'grad_clip', float('inf'), '>= 0'),
+    ('model', 'dropout', float('nan'), 'in [0, 1)'),
+    ('diffusion', 'hybrid_lambda', float('inf'), '>= 0'),
+    ('optim', 'eps', float('nan'), '> 0'),
+    ('optim', 'beta2', float('-inf'), 'in [0, 1)'),
+    ('optim', 'weight_decay', float('nan'), '>= 0'),
+    ('sampling', 'ddim_eta', float('inf'), '>= 0'),
+])
+def test_not_finite_hyper_parameters_fail_naming_field_value_and_range(section, field, value, allowed):
+  """Issue #19 item 5: `--config.optim.learning_rate=nan` used to train until the loss was NaN."""
+  _bad(lambda c: setattr(c[section], field, value),
+       f'config.{section}.{field}={value!r} is invalid: expected a finite number {allowed}')
+
+
+def test_not_finite_numbers_anywhere_in_the_tree_fail():
+  def mutate(c):
+    c.model.extra = float('nan')  # a float field that no explicit check knows
+  _bad(mutate, 'config.model.extra=nan is invalid: expected finite numbers')
+
+
+@pytest.mark.parametrize('field, value, allowed', [
+    ('model.learn_sigma', 1, 'expected True or False'),
+    ('sampling.clip_denoised', 'yes', 'expected True or False'),
+    ('training.batch_size', 16.0, 'expected an integer >= 1'),
+    ('seed', -1, 'expected an integer >= 0'),
+    ('sampling.interpolation_num_lambdas', 1, 'expected an integer >= 2'),
+    ('data.num_channels', 2, 'expected 1 (grey) or 3 (RGB)'),
+    ('optim.optimizer', 'sgd', "allowed: ('adam', 'adamw')"),
+    ('sampling.method', 'euler', "allowed: ('ancestral', 'ddim')"),
+])
+def test_field_types_fail_in_the_one_format(field, value, allowed):
+  def mutate(c):
+    section, _, name = field.rpartition('.')
+    node = c[section] if section else c
+    with node.ignore_type():
+      node[name] = value
+  _bad(mutate, f'config.{field}={value!r} is invalid: {allowed}')
+
+
+def test_one_message_format_for_every_section():
+  """Diffusion, training, data and model errors all read `config.<field>=<value!r> is invalid: ...`."""
+  _bad(lambda c: setattr(c.diffusion, 'beta_schedule', 'linaer'),
+       "config.diffusion.beta_schedule='linaer' is invalid: ")
+  _bad(lambda c: setattr(c.data, 'image_size', 32), 'config.data.image_size=32 is invalid: ')
+  _bad(lambda c: setattr(c.model, 'ch', 48), 'config.model.ch=48 is invalid: ')
+  _bad(lambda c: setattr(c.data, 'dataset', 'no_such_dataset_xyz'),
+       "config.data.dataset='no_such_dataset_xyz' is invalid: ")
+
+
+def test_rescaled_linear_schedule_range_is_checked_by_the_schedule_module():
+  def mutate(c):
+    c.diffusion.beta_schedule = 'linear_rescaled'
+    c.diffusion.num_timesteps = 10  # 1000 / 10 * 0.02 = 2 > 1
+  _bad(mutate, 'config.diffusion.beta_end=0.02 is invalid: ', 'rescaled')
+
+
+def test_enumerations_come_from_the_modules_that_implement_them():
+  from ddpm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from ddpm_jax import diffusion, evaluation, models, sampling, train  # pylint: disable=import-outside-toplevel
+  assert config_lib._CHOICES['diffusion.beta_schedule'] is diffusion.BETA_SCHEDULES
+  assert config_lib._CHOICES['diffusion.var_type'] is diffusion.VAR_TYPES
+  assert config_lib._CHOICES['sampling.method'] is sampling.METHODS
+  assert config_lib._CHOICES['model.dtype'] == tuple(models.DTYPES)
+  assert config_lib._CHOICES['optim.optimizer'] is train.OPTIMIZERS
+  assert evaluation.METRIC_NAMES == ('bpd', 'rate_distortion', 'fid', 'digits_fid')
+  assert not hasattr(models, 'validate_model_config')
+
+
 def test_defaults_tree_has_every_section():
   config = default.get_config()
   for section in ('training', 'data', 'model', 'diffusion', 'optim', 'sampling', 'eval'):

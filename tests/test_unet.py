@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +10,8 @@ import pytest
 from flax import traverse_util
 
 from configs import _large256, cifar10, cifar10_iddpm, default
-from ddpm_jax.models import layers, unet
-from ddpm_jax.models import (count_params, create_model, init_params, param_shapes,
-                             validate_model_config)
+from ddpm_jax.config import validate_config
+from ddpm_jax.models import count_params, create_model, init_params, layers, param_shapes, unet
 
 
 def tiny_config(**model_fields):
@@ -265,37 +265,55 @@ def test_bad_configs_raise_errors_naming_the_field(section, field, value, messag
   config = cifar10.get_config()
   config[section][field] = value
   with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)')):
-    validate_model_config(config)
-  with pytest.raises(ValueError):
-    create_model(config)
+    validate_config(config)
+
+
+def _valid_tiny_config(**model_fields):
+  """tiny_config with a dataset that fits its 8x8 RGB images, so that the whole tree validates."""
+  config = tiny_config(**model_fields)
+  config.data.dataset = 'celeb_a_hq/256'  # crop-resized to any size
+  return config
+
+
+def test_create_model_only_maps_fields_to_the_constructor():
+  config = tiny_config(num_heads=2, scale_shift_norm=True, dtype='bfloat16', learn_sigma=True)
+  model = create_model(config)
+  assert isinstance(model, nn.Module)
+  assert (model.ch, model.out_ch, model.ch_mult, model.num_res_blocks, model.attn_resolutions,
+          model.num_heads, model.scale_shift_norm, model.dropout, model.resamp_with_conv,
+          model.dtype, model.attn_implementation) == (32, 6, (1, 2), 1, (4,), 2, True, 0.0, True,
+                                                      jnp.bfloat16, None)
+  assert create_model(config) == unet.UNet(**{f: getattr(model, f) for f in (
+      'ch', 'out_ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'num_heads',
+      'scale_shift_norm', 'dropout', 'resamp_with_conv', 'dtype', 'attn_implementation')})
 
 
 def test_attn_implementation_reaches_the_model_and_cudnn_is_checked_early():
-  config = tiny_config()
+  config = _valid_tiny_config()
   config.model.attn_implementation = 'xla'
   assert create_model(config).attn_implementation == 'xla'
   config.model.attn_implementation = 'cudnn'
   with pytest.raises(ValueError, match="attn_implementation='cudnn'.*model.dtype='bfloat16'"):
-    validate_model_config(config)
+    validate_config(config)
   config.model.dtype = 'bfloat16'
   if jax.default_backend() != 'gpu':
     with pytest.raises(ValueError, match="'cudnn' needs a CUDA GPU"):
-      validate_model_config(config)
+      validate_config(config)
   # cuDNN flash attention takes heads of <= 128 channels: not DDPM's CIFAR10 net (one head of 256).
   config = cifar10.get_config()
   config.model.update(dtype='bfloat16', attn_implementation='cudnn')
   with pytest.raises(ValueError, match=r"heads of at most 128 channels.*num_heads=1 the heads have \[256\]"):
-    validate_model_config(config)
+    validate_config(config)
   config.model.num_heads = 2  # heads of 128: passes this check, then needs a GPU
   if jax.default_backend() != 'gpu':
     with pytest.raises(ValueError, match="'cudnn' needs a CUDA GPU"):
-      validate_model_config(config)
+      validate_config(config)
 
 
 def test_default_configs_are_valid():
-  for config in (cifar10.get_config(), cifar10_iddpm.get_config(), tiny_config(),
+  for config in (cifar10.get_config(), cifar10_iddpm.get_config(), _valid_tiny_config(),
                  _large256.get_config('lsun/bedroom')):
-    validate_model_config(config)
+    validate_config(config)
 
 
 def test_bad_inputs_raise_errors_naming_the_shapes():

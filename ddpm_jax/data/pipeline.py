@@ -235,22 +235,16 @@ def _load_uint8(config: ml_collections.ConfigDict, source: sources.Source, split
   return tfds_source.load_split_uint8(source, data, split, limit)
 
 
-def _check_non_negative(field: str, value: Any) -> None:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-    raise ValueError(f'{field}: got {value!r}, expected an integer >= 0')
-
-
 def create_train_iterator(config: ml_collections.ConfigDict, *, seed: int, start_step: int = 0,
                           process_index: int = 0, process_count: int = 1) -> TrainIterator:
   """This process's iterator of float32 [batch_size // process_count, S, S, C] batches in [-1, 1].
 
   seed: non-negative int (usually config.seed); start_step: the first training step it serves.
-  See the module docstring for the determinism and save/restore contract.
+  See the module docstring for the determinism and save/restore contract. config.data is checked
+  once, by `ddpm_jax.config.validate_config` (config.seed too); numpy refuses a negative seed.
   """
   source = sources.resolve_source(config)
   local_batch = sources.local_batch_size(config.training.batch_size, process_count)
-  _check_non_negative('seed', seed)
-  _check_non_negative('start_step', start_step)
   _check_process(process_index, process_count)
   if source.in_memory:
     images = _load_uint8(config, source, config.data.train_split, None)

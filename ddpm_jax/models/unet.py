@@ -30,9 +30,14 @@ from ddpm_jax.models import layers
 
 Array = jax.Array
 
+MODEL_NAMES = ('unet',)  # the config.model.name values create_model builds
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 ATTN_IMPLEMENTATIONS = (None, 'xla', 'cudnn')
-CUDNN_MAX_HEAD_DIM = 128  # cuDNN flash attention (jax.nn.dot_product_attention, implementation='cudnn')
+# cuDNN's fused attention (jax.nn.dot_product_attention, implementation='cudnn') exists only on CUDA
+# GPUs, for 16-bit inputs and heads of at most 128 channels, a multiple of 8.
+CUDNN_DTYPES = ('bfloat16',)
+CUDNN_MAX_HEAD_DIM = 128
+CUDNN_HEAD_DIM_MULTIPLE = 8
 
 
 class DownLevel(nn.Module):
@@ -170,101 +175,19 @@ def resolutions(image_size: int, ch_mult: Sequence[int]) -> list[int]:
   return [image_size // 2 ** level for level in range(len(ch_mult))]
 
 
-def _fail(field: str, value: Any, allowed: str) -> None:
-  raise ValueError(f'config.{field}={value!r} is invalid: {allowed}')
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def validate_model_config(config: ml_collections.ConfigDict) -> None:
-  """Checks config.model (and config.data.image_size / num_channels) before anything is built.
-
-  Raises ValueError naming the field, its value and what is allowed.
-  """
-  m, data = config.model, config.data
-  if m.name != 'unet':
-    _fail('model.name', m.name, "only 'unet' is implemented")
-  if not _is_int(m.ch) or m.ch <= 0 or m.ch % layers.NUM_GROUPS:
-    _fail('model.ch', m.ch,
-          f'must be a positive multiple of the {layers.NUM_GROUPS} GroupNorm groups')
-  ch_mult = tuple(m.ch_mult) if isinstance(m.ch_mult, (tuple, list)) else None
-  if not ch_mult or not all(_is_int(c) and c > 0 for c in ch_mult):
-    _fail('model.ch_mult', m.ch_mult, 'must be a non-empty sequence of positive integers')
-  if not _is_int(m.num_res_blocks) or m.num_res_blocks < 1:
-    _fail('model.num_res_blocks', m.num_res_blocks, 'must be an integer >= 1')
-  if not _is_int(data.num_channels) or data.num_channels < 1:
-    _fail('data.num_channels', data.num_channels, 'must be an integer >= 1')
-  factor = 2 ** (len(ch_mult) - 1)
-  if not _is_int(data.image_size) or data.image_size <= 0 or data.image_size % factor:
-    _fail('data.image_size', data.image_size,
-          f'must be a positive multiple of {factor} = 2**(len(model.ch_mult) - 1) for '
-          f'ch_mult={ch_mult}')
-  _validate_attention(m, data.image_size, ch_mult)
-  if not isinstance(m.dropout, (int, float)) or not 0.0 <= m.dropout < 1.0:
-    _fail('model.dropout', m.dropout, 'must be a rate in [0, 1)')
-  if m.dtype not in DTYPES:
-    _fail('model.dtype', m.dtype, f'allowed: {", ".join(repr(d) for d in DTYPES)}')
-  for field in ('scale_shift_norm', 'resamp_with_conv', 'learn_sigma'):
-    if not isinstance(m[field], bool):
-      _fail(f'model.{field}', m[field], 'must be True or False')
-  _validate_attn_implementation(m, _attention_channels(m, data.image_size, ch_mult))
-
-
-def _validate_attn_implementation(m: ml_collections.ConfigDict, attn_channels: set[int]) -> None:
-  impl = m.get('attn_implementation')
-  if impl not in ATTN_IMPLEMENTATIONS:
-    _fail('model.attn_implementation', impl, f'allowed: {ATTN_IMPLEMENTATIONS}')
-  if impl == 'cudnn':
-    # cuDNN's fused attention exists only on CUDA GPUs, for 16-bit inputs and heads of at most 128
-    # channels; failing here beats an error from deep inside the first compilation.
-    if m.dtype != 'bfloat16':
-      _fail('model.attn_implementation', impl, "'cudnn' needs model.dtype='bfloat16' "
-            f'(got {m.dtype!r}); use None or \'xla\' for float32')
-    head_dims = sorted({c // m.num_heads for c in attn_channels})
-    if any(d > CUDNN_MAX_HEAD_DIM or d % 8 for d in head_dims):
-      _fail('model.attn_implementation', impl,
-            f"'cudnn' needs attention heads of at most {CUDNN_MAX_HEAD_DIM} channels, a multiple of 8; "
-            f'with model.num_heads={m.num_heads} the heads have {head_dims} channels (the DDPM '
-            "networks' single head is 256 wide or more): use None or 'xla', or more heads")
-    if jax.default_backend() != 'gpu':
-      _fail('model.attn_implementation', impl,
-            f"'cudnn' needs a CUDA GPU; this process runs on {jax.default_backend()!r} "
-            "(use None or 'xla')")
-
-
-def _attention_channels(m: ml_collections.ConfigDict, image_size: int,
-                        ch_mult: tuple[int, ...]) -> set[int]:
+def attention_channels(ch: int, ch_mult: Sequence[int], attn_resolutions: Sequence[int],
+                       image_size: int) -> set[int]:
   """Channel counts of the attention layers: at the attn_resolutions, and always in the middle block."""
   res = resolutions(image_size, ch_mult)
-  return {m.ch * c for c, r in zip(ch_mult, res) if r in m.attn_resolutions} | {m.ch * ch_mult[-1]}
-
-
-def _validate_attention(m: ml_collections.ConfigDict, image_size: int,
-                        ch_mult: tuple[int, ...]) -> None:
-  res = resolutions(image_size, ch_mult)
-  attn = m.attn_resolutions
-  if not isinstance(attn, (tuple, list)) or not all(_is_int(r) for r in attn):
-    _fail('model.attn_resolutions', attn, 'must be a sequence of integer resolutions')
-  for r in attn:
-    if r not in res:
-      _fail('model.attn_resolutions', tuple(attn),
-            f'resolution {r} never occurs; with image_size={image_size} and ch_mult={ch_mult} the '
-            f'resolutions are {res}')
-  if not _is_int(m.num_heads) or m.num_heads < 1:
-    _fail('model.num_heads', m.num_heads, 'must be an integer >= 1')
-  for c in sorted(_attention_channels(m, image_size, ch_mult)):
-    if c % m.num_heads:
-      _fail('model.num_heads', m.num_heads, f'must divide the {c} channels of an attention layer')
+  return {ch * c for c, r in zip(ch_mult, res) if r in attn_resolutions} | {ch * ch_mult[-1]}
 
 
 def create_model(config: ml_collections.ConfigDict) -> UNet:
   """Builds the UNet from config.model; its output has C (or 2C when learn_sigma) channels.
 
-  Use: `model.apply({'params': params}, x, t, train=True, rngs={'dropout': key})`.
+  Use: `model.apply({'params': params}, x, t, train=True, rngs={'dropout': key})`. Only maps
+  fields to the constructor's arguments: `ddpm_jax.config.validate_config` checked them at start-up.
   """
-  validate_model_config(config)
   m = config.model
   out_ch = config.data.num_channels * (2 if m.learn_sigma else 1)
   return UNet(ch=m.ch, out_ch=out_ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
