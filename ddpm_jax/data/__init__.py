@@ -15,12 +15,12 @@ from ddpm_jax.data.image_folder import IMAGE_EXTENSIONS, list_image_files, load_
 from ddpm_jax.data.pipeline import InMemoryIterator, StreamingIterator, TrainIterator
 from ddpm_jax.data.pipeline import create_train_iterator, load_eval_images
 from ddpm_jax.data.preprocess import to_model_range, to_uint8
-from ddpm_jax.data.sources import Source, resolve_source, validate_data_config
+from ddpm_jax.data.sources import Source, resolve_source
 from ddpm_jax.data.tfds_source import DatasetUnavailableError, tf_cpu_only
 
 __all__ = [
     'DatasetUnavailableError', 'IMAGE_EXTENSIONS', 'InMemoryIterator', 'Source',
     'StreamingIterator', 'TrainIterator', 'create_train_iterator', 'list_image_files',
     'load_digits_split', 'load_eval_images', 'load_image_folder', 'resolve_source', 'tf_cpu_only',
-    'to_model_range', 'to_uint8', 'validate_data_config',
+    'to_model_range', 'to_uint8',
 ]
