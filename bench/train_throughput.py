@@ -3,7 +3,7 @@ r"""Training throughput of the DDPM train step on all local devices.
   python bench/train_throughput.py --config=configs/cifar10.py --batch_size=128 --dtype=bfloat16 \
       --windows=10 --steps_per_window=20 --warmup_steps=5 --out=/tmp/train_cifar10_bf16.json
 
-What is timed is exactly what `ddpm_jax.train.loop` runs: `ddpm_jax.train.step.jit_train_step`, with the
+What is timed is exactly what `ddpm_jax.jobs.train` runs: `ddpm_jax.train.step.jit_train_step`, with the
 state replicated, the batch sharded over the `data` axis of the mesh and the state donated. The data
 pipeline is not: one random batch in [-1, 1] stays on the devices (the loop prefetches, so it is off the
 critical path).
@@ -60,7 +60,7 @@ def setup(config: ml_collections.ConfigDict, mesh: Any) -> dict[str, Any]:
   """The jitted step (as the training loop builds it) and its device-resident inputs."""
   repl = parallel.replicated_sharding(mesh)
   model = models.create_model(config)
-  step = jit_train_step(config, model, diffusion.coefficients_from_config(config.diffusion), mesh)
+  step = jit_train_step(model, diffusion.coefficients_from_config(config.diffusion), mesh)
   init = jax.jit(functools.partial(create_train_state, config), out_shardings=repl)
   state = init(stream_key(config, INIT_STREAM))
   c, size = config.data.num_channels, config.data.image_size

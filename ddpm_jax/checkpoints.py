@@ -1,22 +1,29 @@
-"""Checkpoints with orbax: the whole `TrainState` plus the config it was trained with.
+"""Checkpoints with orbax: one composite checkpoint per step, restored for training or for inference.
 
-Layout: `<workdir>/checkpoints/<step>/{state, meta}`. Orbax writes each step to a temporary directory and
-renames it when complete, so an interrupted save never replaces the last good checkpoint. `meta` holds the
-fields that define the state's shapes and meaning (model, diffusion, data geometry); restoring into a
-different config is an error that lists the fields that differ.
+Layout: `<workdir>/checkpoints/<step>/{state, data, meta}`:
+  state  the whole `TrainState` (weights, EMA, optimizer moments, importance-sampler history);
+  data   the data iterator's position (`TrainIterator.save_state`; a tf.data stream's buffers);
+  meta   the fields that define the state's shapes and meaning (model, diffusion, data geometry).
+Orbax writes each step into a temporary directory and renames it when every item is complete, so the
+weights and the data position are committed together and an interrupted save never replaces the last
+good checkpoint; `training.keep_checkpoints` prunes old steps, data positions included. Restoring
+into a different config is an error that lists every field that differs. Inference restores only
+`params` and `ema_params` (about a third of what a training restore reads).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh
 
-from ddpm_jax import parallel
+from ddpm_jax import parallel, workdir as workdir_lib
 from ddpm_jax.train.state import TrainState, create_train_state
 
 # Fields of the config that a checkpoint must agree with (everything else may change on resume).
@@ -25,16 +32,40 @@ COMPATIBILITY_FIELDS = ('model', 'diffusion', 'data.image_size', 'data.num_chann
 # Recorded, but free to change between runs: how the network is computed, not what it computes
 # (e.g. train in float32, sample in bfloat16 with cuDNN attention).
 RUNTIME_FIELDS = frozenset({'model.dtype', 'model.attn_implementation'})
+STATE, DATA, META = 'state', 'data', 'meta'
+INFERENCE_FIELDS = ('params', 'ema_params')
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+# --- the data iterator as an orbax item ------------------------------------------------------------
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """Saves / restores a `TrainIterator` into its item directory (one file set per process)."""
+
+  def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
+    os.makedirs(directory, exist_ok=True)
+    args.iterator.save_state(os.fspath(directory))
+
+  def restore(self, directory: epath.Path, args: DataIteratorRestore) -> Any:
+    args.iterator.restore_state(os.fspath(directory))
+    return args.iterator
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
 
 
-def create_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  iterator: Any
 
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  iterator: Any
+
+
+# --- compatibility of a checkpoint with a config ---------------------------------------------------
 
 def compatibility_meta(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The JSON-able fields a checkpoint records and checks on restore."""
@@ -76,6 +107,17 @@ def check_compatible(saved: dict[str, Any], config: ml_collections.ConfigDict, p
                      'restore the original config. Differences:\n  ' + '\n  '.join(diffs))
 
 
+# --- managers, save, restore -----------------------------------------------------------------------
+
+def create_manager(workdir: str, keep: int = 3, *, for_inference: bool = False) -> ocp.CheckpointManager:
+  """The orbax manager of <workdir>/checkpoints; `for_inference` reads the state partially."""
+  state_handler = ocp.PyTreeCheckpointHandler() if for_inference else ocp.StandardCheckpointHandler()
+  handlers = {STATE: state_handler, META: ocp.JsonCheckpointHandler(), DATA: DataIteratorHandler()}
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not for_inference)
+  return ocp.CheckpointManager(workdir_lib.checkpoint_dir(workdir), options=options,
+                               item_handlers=handlers)
+
+
 def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
   """Shapes, dtypes and (replicated) shardings of the train state, without allocating it."""
   shapes = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0)))
@@ -84,40 +126,75 @@ def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh) -> Train
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, config: ml_collections.ConfigDict,
-         *, force: bool = True) -> None:
-  """Saves `state` at its step (blocking until it is complete and renamed into place)."""
+         data_iterator: Any = None) -> None:
+  """Saves `state` (and the data iterator's position) at the state's step, blocking until committed."""
   step = int(jax.device_get(state.step))
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             meta=ocp.args.JsonSave(compatibility_meta(config))),
-               force=force)
+  items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(compatibility_meta(config))}
+  if data_iterator is not None and hasattr(data_iterator, 'save_state'):
+    items[DATA] = DataIteratorSave(data_iterator)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
   manager.wait_until_finished()
 
 
-def restore_latest(manager: ocp.CheckpointManager, config: ml_collections.ConfigDict,
-                   mesh: Mesh) -> TrainState | None:
-  """The latest checkpoint's state placed on `mesh`, or None if there is none; checks the config first."""
+def _checked_latest(manager: ocp.CheckpointManager, config: ml_collections.ConfigDict) -> int | None:
+  """The latest step, after checking its meta against `config`; None if there is none."""
   step = manager.latest_step()
   if step is None:
     return None
+  meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+  check_compatible(meta, config, os.path.join(str(manager.directory), str(step)))
+  return step
+
+
+def restore_for_training(manager: ocp.CheckpointManager, config: ml_collections.ConfigDict, mesh: Mesh,
+                         data_iterator: Any = None) -> TrainState | None:
+  """The latest checkpoint's whole state on `mesh` (None if there is none); checks the config first.
+
+  `data_iterator`, if given, is moved to the saved position when the checkpoint holds one.
+  """
+  step = _checked_latest(manager, config)
+  if step is None:
+    return None
   path = os.path.join(str(manager.directory), str(step))
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-  check_compatible(meta, config, path)
-  target = abstract_train_state(config, mesh)
+  items = {STATE: ocp.args.StandardRestore(abstract_train_state(config, mesh))}
+  if (data_iterator is not None and hasattr(data_iterator, 'restore_state')
+      and os.path.isdir(os.path.join(path, DATA))):
+    items[DATA] = DataIteratorRestore(data_iterator)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f'checkpoint {path} does not match the train state of this config: {e}') from e
-  return restored.state
+  return restored[STATE]
 
 
-def load_for_inference(workdir: str, config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
-  """The latest state of `workdir` for sampling / evaluation; a clear error if there is none."""
-  manager = create_manager(workdir, keep=config.training.keep_checkpoints)
-  state = restore_latest(manager, config, mesh)
-  if state is None:
-    raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}: train first (--mode=train) or '
-                            'convert an official one (python -m ddpm_jax.convert_tf_checkpoint)')
-  return state
+def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
+                          mesh: Mesh) -> tuple[Any, Any, int]:
+  """(params, ema_params, step) of the latest checkpoint of `workdir`, replicated on `mesh`.
+
+  Reads neither the optimizer moments nor the data position. A clear error if there is no checkpoint.
+  """
+  manager = create_manager(workdir, keep=config.training.keep_checkpoints, for_inference=True)
+  step = _checked_latest(manager, config)
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {workdir_lib.checkpoint_dir(workdir)}: train first '
+                            '(--mode=train) or convert an official one (python -m '
+                            'ddpm_jax.convert_tf_checkpoint)')
+  state = abstract_train_state(config, mesh)
+  target = {name: getattr(state, name) for name in INFERENCE_FIELDS}
+  path = os.path.join(str(manager.directory), str(step))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)}))[STATE]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'checkpoint {path} does not match the network of this config: {e}') from e
+  return restored['params'], restored['ema_params'], step
+
+
+def restore_sampling_params(workdir: str, config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, int]:
+  """(the weights to sample with, checkpoint step): the EMA weights if config.sampling.use_ema."""
+  params, ema_params, step = restore_for_inference(workdir, config, mesh)
+  return (ema_params if config.sampling.use_ema else params), step
 
 
 def save_converted(workdir: str, config: ml_collections.ConfigDict, params: Any, ema_params: Any) -> str:
@@ -132,7 +209,7 @@ def save_converted(workdir: str, config: ml_collections.ConfigDict, params: Any,
   state = parallel.replicate(state, mesh)
   manager = create_manager(workdir, keep=config.training.keep_checkpoints)
   if manager.latest_step() is not None:
-    raise FileExistsError(f'{checkpoint_dir(workdir)} already holds checkpoints; choose an empty --workdir '
-                          'so that nothing saved is overwritten')
+    raise FileExistsError(f'{workdir_lib.checkpoint_dir(workdir)} already holds checkpoints; choose an '
+                          'empty --workdir so that nothing saved is overwritten')
   save(manager, state, config)
-  return os.path.join(checkpoint_dir(workdir), '0')
+  return os.path.join(workdir_lib.checkpoint_dir(workdir), '0')

@@ -16,6 +16,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from ddpm_jax import checkpoints
+from ddpm_jax.config import validate_config
 from ddpm_jax.models import convert_tf
 from ddpm_jax.models import unet
 
@@ -32,7 +33,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  template = unet.param_shapes(config)  # validates config.model first
+  validate_config(config)
+  template = unet.param_shapes(config)
   tf_vars = convert_tf.load_tf_checkpoint(_TF_CHECKPOINT.value)
   params, ema_params = convert_tf.convert_tf_vars(tf_vars, template)
   logging.info('Converted %d parameters from %s (EMA copies: %s).', unet.count_params(params),

@@ -52,6 +52,12 @@ def make_grid(images: np.ndarray, ncol: int | None = None) -> np.ndarray:
   return grid
 
 
+def save_strip(strip: np.ndarray, path: str) -> str:
+  """Writes uint8 strips [rows, cols, H, W, C] as one PNG grid of `rows` rows (DDPM Fig. 6, 8)."""
+  rows, cols = strip.shape[:2]
+  return save_image_grid(strip.reshape((rows * cols,) + strip.shape[2:]), path, ncol=cols)
+
+
 def save_image_grid(images: np.ndarray, path: str, ncol: int | None = None) -> str:
   """Writes `make_grid(images, ncol)` as a PNG at `path` atomically (temporary file, then rename).
 

@@ -7,7 +7,7 @@ same code runs on 1 CPU, 8 simulated CPU devices, a GPU, a TPU slice and several
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -24,6 +24,11 @@ def maybe_initialize_distributed(enabled: bool) -> None:
   """
   if enabled and not jax.distributed.is_initialized():
     jax.distributed.initialize()
+
+
+def is_writer() -> bool:
+  """Whether this process writes files (process 0; every process computes)."""
+  return jax.process_index() == 0
 
 
 def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -68,6 +73,19 @@ def process_slice(global_size: int) -> slice:
   per_process = global_size // jax.process_count()
   start = jax.process_index() * per_process
   return slice(start, start + per_process)
+
+
+def run_replicated(fn: Callable[..., Any], mesh: Mesh, *args: Any) -> Any:
+  """Runs a small computation replicated on every device of `mesh`; numpy result, same on every process."""
+  out = jax.jit(fn, out_shardings=replicated_sharding(mesh))(*args)
+  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), out)
+
+
+def broadcast_from_writer(x: np.ndarray) -> np.ndarray:
+  """Process 0's value of a host array on every process (identity with one process)."""
+  if jax.process_count() == 1:
+    return x
+  return np.asarray(multihost_utils.broadcast_one_to_all(x))
 
 
 def to_host(x: Any) -> Any:

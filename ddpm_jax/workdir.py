@@ -25,6 +25,7 @@ import os
 import tempfile
 from typing import IO, Any, Callable, Iterator
 
+import ml_collections
 import numpy as np
 
 CONFIG_FILE = 'config.json'
@@ -121,6 +122,15 @@ def shard_path(directory: str, shard: int) -> str:
 def shard_ranges(num_samples: int, per_shard: int) -> list[tuple[int, int]]:
   """[start, stop) of the global sample indices of each shard."""
   return [(s, min(s + per_shard, num_samples)) for s in range(0, num_samples, per_shard)]
+
+
+def sample_meta(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
+  """What the samples of a sample directory depend on (SAMPLE_META_FIELDS)."""
+  s, d = config.sampling, config.data
+  return {'seed': config.seed, 'method': s.method, 'timestep_respacing': s.timestep_respacing,
+          'ddim_eta': float(s.ddim_eta), 'clip_denoised': bool(s.clip_denoised),
+          'use_ema': bool(s.use_ema), 'samples_per_shard': s.samples_per_shard,
+          'image_shape': [d.image_size, d.image_size, d.num_channels], 'checkpoint_step': step}
 
 
 def check_sample_meta(directory: str, meta: dict[str, Any]) -> None:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, write_checkpoint
-from ddpm_jax import data
+from ddpm_jax import data, jobs
 from ddpm_jax.evaluation import bpd as bpd_lib
 from ddpm_jax.evaluation import digits_metric, fid
-from ddpm_jax.evaluation import evaluate as evaluate_lib
+from ddpm_jax.jobs import evaluate as evaluate_job
 
 
 @pytest.fixture(scope='module')
@@ -28,12 +28,16 @@ def _config():
   return config
 
 
+def _evaluate(config, workdir):
+  return evaluate_job.evaluate(config, workdir, jobs.setup(config))
+
+
 def _fail(*args, **kwargs):
   raise AssertionError('recomputed a metric that was already saved')
 
 
 def test_evaluate_writes_every_metric_and_skips_saved_ones_on_rerun(workdir, monkeypatch):
-  metrics = evaluate_lib.evaluate(_config(), workdir)
+  metrics = _evaluate(_config(), workdir)
   eval_dir = os.path.join(workdir, 'eval')
   with open(os.path.join(eval_dir, 'metrics.json')) as f:
     assert json.load(f) == metrics
@@ -63,12 +67,12 @@ def test_evaluate_writes_every_metric_and_skips_saved_ones_on_rerun(workdir, mon
   # A rerun (e.g. after preemption) computes nothing that is already saved...
   monkeypatch.setattr(bpd_lib, 'dataset_bpd', _fail)
   monkeypatch.setattr(digits_metric, 'digits_metrics', _fail)
-  assert evaluate_lib.evaluate(_config(), workdir) == metrics
+  assert _evaluate(_config(), workdir) == metrics
   # ...and a metric lost before it was saved is redone from the cached bound terms.
   del metrics['rate_distortion']
   with open(os.path.join(eval_dir, 'metrics.json'), 'w') as f:
     json.dump(metrics, f)
-  again = evaluate_lib.evaluate(_config(), workdir)
+  again = _evaluate(_config(), workdir)
   assert again['rate_distortion'] == rd
 
 
@@ -83,8 +87,28 @@ def test_fid_metric_feeds_samples_and_training_images(workdir, monkeypatch):
   monkeypatch.setattr(fid, 'fid_and_is', fake_fid_and_is)
   config = _config()
   config.eval.metrics = ('fid',)
-  metrics = evaluate_lib.evaluate(config, workdir)
+  metrics = _evaluate(config, workdir)
   assert metrics['fid']['fid'] == 1.5
   assert seen['samples'].shape == (8, 8, 8, 1) and seen['samples'].dtype == np.uint8
   np.testing.assert_array_equal(seen['reference'], data.load_eval_images(config, 'train', 8))
   assert seen['path'].endswith('fid_reference_digits_train_8.npz') and seen['batch_size'] == 4
+
+
+def test_final_evaluation_of_a_training_run_uses_the_weights_in_memory(tmp_path, monkeypatch, capsys):
+  """#12: the final evaluation neither re-reads the checkpoint nor runs the sample job."""
+  from ddpm_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from ddpm_jax.jobs import sample as sample_job  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(checkpoints, 'restore_for_inference', _fail)
+  monkeypatch.setattr(sample_job, 'sample', _fail)
+  config = _config()
+  config.training.num_train_steps = 1
+  config.training.num_grid_samples = 0
+  config.training.final_eval = True
+  config.eval.metrics = ('digits_fid',)
+  workdir = str(tmp_path / 'run')
+  state = jobs.train_and_evaluate(config, workdir, jobs.setup(config))
+  with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
+    metrics = json.load(f)
+  assert metrics['checkpoint_step'] == int(state.step) == 1
+  assert np.isfinite(metrics['digits_fid']['frechet_distance'])
+  assert 'Final evaluation:' in capsys.readouterr().out

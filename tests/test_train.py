@@ -15,8 +15,9 @@ import pytest
 
 from conftest import REPO_ROOT, run_with_devices
 from configs import tiny
-from ddpm_jax import checkpoints, data, diffusion, models, parallel
-from ddpm_jax.train import loop, state as state_lib, step as step_lib
+from ddpm_jax import checkpoints, data, diffusion, jobs, models, parallel
+from ddpm_jax.jobs import train as train_job
+from ddpm_jax.train import state as state_lib, step as step_lib
 
 
 def _leaves(tree):
@@ -25,9 +26,9 @@ def _leaves(tree):
 
 def test_ema_first_update_copies_the_weights_then_decays():
   ema, params = {'w': jnp.zeros(3)}, {'w': jnp.array([1.0, 2.0, 3.0])}
-  first = step_lib.ema_update(ema, params, 0.9, jnp.array(0))
+  first = state_lib.ema_update(ema, params, 0.9, jnp.array(0))
   np.testing.assert_allclose(first['w'], [1.0, 2.0, 3.0])
-  second = step_lib.ema_update(first, {'w': jnp.array([2.0, 2.0, 2.0])}, 0.9, jnp.array(1))
+  second = state_lib.ema_update(first, {'w': jnp.array([2.0, 2.0, 2.0])}, 0.9, jnp.array(1))
   np.testing.assert_allclose(second['w'], 0.9 * np.array([1.0, 2.0, 3.0]) + 0.1 * 2.0, rtol=1e-6)
 
 
@@ -70,7 +71,7 @@ def _matmul_dtypes(dtype):
   config = tiny.get_config()
   config.model.dtype = dtype
   model = models.create_model(config)
-  train_step = step_lib.make_train_step(config, model,
+  train_step = step_lib.make_train_step(model,
                                         diffusion.coefficients_from_config(config.diffusion))
   state = jax.eval_shape(lambda key: state_lib.create_train_state(config, key), jax.random.key(0))
   batch = jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32)
@@ -106,7 +107,7 @@ def _run(tmp_path, name, steps, **overrides):
   for field, value in overrides.items():
     section, key = field.split('__')
     config[section][key] = value
-  return config, loop.train_and_evaluate(config, str(tmp_path / name))
+  return config, jobs.run('train', config, str(tmp_path / name))
 
 
 def test_resume_is_bit_exact(tmp_path):
@@ -128,14 +129,23 @@ def test_resume_with_another_model_is_a_clear_error(tmp_path):
   # How the network is computed may change (float32 training, bfloat16 sampling); what it is may not.
   config, _ = _run(tmp_path, 'run', 2)
   config.model.dtype = 'bfloat16'
-  state = checkpoints.load_for_inference(str(tmp_path / 'run'), config, parallel.create_mesh())
-  assert int(state.step) == 2
+  _, _, step = checkpoints.restore_for_inference(str(tmp_path / 'run'), config, parallel.create_mesh())
+  assert step == 2
 
 
-def test_data_states_are_pruned_with_their_checkpoints(tmp_path):
-  _run(tmp_path, 'run', 6, training__keep_checkpoints=1)
-  assert checkpoints.create_manager(str(tmp_path / 'run')).all_steps() == [6]
-  assert os.listdir(tmp_path / 'run' / 'data_state') == ['6']
+def test_data_states_are_items_of_their_checkpoints_and_pruned_with_them(tmp_path):
+  config, _ = _run(tmp_path, 'run', 6, training__keep_checkpoints=1)
+  manager = checkpoints.create_manager(str(tmp_path / 'run'))
+  assert manager.all_steps() == [6]
+  # The data position is committed with the weights, inside the step's directory: no side folder.
+  assert {'data', 'meta', 'state'} <= set(os.listdir(tmp_path / 'run' / 'checkpoints' / '6'))
+  assert not os.path.exists(tmp_path / 'run' / 'data_state')
+  # A fresh iterator (built at step 0) is moved to the saved position by the restore.
+  iterator = data.create_train_iterator(config, seed=config.seed)
+  state = checkpoints.restore_for_training(manager, config, parallel.create_mesh(), iterator)
+  assert int(state.step) == 6 and iterator.step == 6
+  np.testing.assert_array_equal(next(iterator), data.create_train_iterator(
+      config, seed=config.seed, start_step=6).batch_at(6))
 
 
 class _Batches:
@@ -157,11 +167,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config.training.num_grid_samples = 0
   batches = _Batches(config, at=3, hook=lambda b: np.full_like(b, np.nan))
   workdir = str(tmp_path / 'nan')
-  with pytest.raises(loop.NonFiniteLossError, match='step 3'):
-    loop.train_and_evaluate(config, workdir, data_iterator=batches)
+  with pytest.raises(train_job.NonFiniteLossError, match='step 3'):
+    train_job.train(config, workdir, jobs.setup(config), data_iterator=batches)
   manager = checkpoints.create_manager(workdir)
   assert manager.all_steps() == [2]
-  restored = checkpoints.restore_latest(manager, config, parallel.create_mesh())
+  restored = checkpoints.restore_for_training(manager, config, parallel.create_mesh())
   assert all(np.isfinite(x).all() for x in _leaves(restored.params))
 
 
@@ -176,11 +186,12 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
     return batch
 
   workdir = str(tmp_path / 'preempted')
-  state = loop.train_and_evaluate(config, workdir, data_iterator=_Batches(config, at=3, hook=send_sigterm))
+  state = train_job.train(config, workdir, jobs.setup(config),
+                          data_iterator=_Batches(config, at=3, hook=send_sigterm))
   assert int(state.step) == 3
-  restored = checkpoints.load_for_inference(workdir, config, parallel.create_mesh())
-  assert int(restored.step) == 3
-  for a, b in zip(_leaves(state.params), _leaves(restored.params)):
+  params, _, step = checkpoints.restore_for_inference(workdir, config, parallel.create_mesh())
+  assert step == 3
+  for a, b in zip(_leaves(state.params), _leaves(params)):
     np.testing.assert_array_equal(a, b)
 
 
@@ -188,19 +199,20 @@ def test_importance_sampler_state_is_trained_and_checkpointed(tmp_path):
   config, state = _run(tmp_path, 'is', 3, training__importance_sampling=True)
   counts = np.asarray(state.sampler_state.counts)
   assert counts.sum() > 0 and counts.max() <= state.sampler_state.history.shape[1]
-  restored = checkpoints.load_for_inference(str(tmp_path / 'is'), config, parallel.create_mesh())
+  manager = checkpoints.create_manager(str(tmp_path / 'is'))
+  restored = checkpoints.restore_for_training(manager, config, parallel.create_mesh())
   np.testing.assert_array_equal(np.asarray(restored.sampler_state.history), np.asarray(state.sampler_state.history))
 
 
 _TRAIN_AND_DUMP = '''
 import sys, numpy as np, jax
 from configs import tiny
-from ddpm_jax.train import loop
+from ddpm_jax import jobs
 config = tiny.get_config()
 config.training.num_train_steps = 2
 config.training.num_grid_samples = 0
 config.model.dropout = 0.0
-state = loop.train_and_evaluate(config, sys.argv[1] if len(sys.argv) > 1 else {workdir!r})
+state = jobs.run('train', config, sys.argv[1] if len(sys.argv) > 1 else {workdir!r})
 if jax.process_index() == 0:
   np.savez({out!r}, *[np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))])
 print('devices', jax.device_count())
@@ -235,12 +247,12 @@ def test_two_processes_with_jax_distributed_agree(tmp_path):
                                process_id=int(sys.argv[1]), local_device_ids=[0])
     import numpy as np
     from configs import tiny
-    from ddpm_jax.train import loop
+    from ddpm_jax import jobs
     config = tiny.get_config()
     config.training.num_train_steps = 2
     config.training.num_grid_samples = 0
     config.model.dropout = 0.0
-    state = loop.train_and_evaluate(config, {workdir!r})
+    state = jobs.run('train', config, {workdir!r})
     np.savez({out!r} + sys.argv[1] + '.npz', *[np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))])
     assert jax.process_count() == 2 and jax.device_count() == 2
   ''').format(port=port, workdir=str(tmp_path / 'w'), out=str(tmp_path / 'params_'))

@@ -1,15 +1,11 @@
 """Data: tfds, embedded digits, image folders -> one iterator of [-1, 1] NHWC batches per process.
 
-Importing this package imports TensorFlow with every GPU / TPU hidden from it, so that TF (used
-here only to read data) never takes accelerator memory from JAX. Import it before anything else
-runs TF ops.
+Importing this package changes nothing in TensorFlow (nor imports it). TF, used here only to read
+data, must never take accelerator memory from JAX: `tf_cpu_only()` hides every GPU / TPU from it;
+`ddpm_jax.jobs.setup` calls it before anything runs, and every function here that uses TF calls it
+first too (it is idempotent).
 """
 
-from ddpm_jax.data import tfds_source
-
-tfds_source.tf_cpu_only()
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax.data.digits import load_digits_split
 from ddpm_jax.data.image_folder import IMAGE_EXTENSIONS, list_image_files, load_image_folder
 from ddpm_jax.data.pipeline import InMemoryIterator, StreamingIterator, TrainIterator

@@ -1,4 +1,9 @@
-"""The training state (a pytree that orbax saves whole) and its construction."""
+"""The training state: a pytree that orbax saves whole and that owns its update (DDPM §4, Appendix B).
+
+`TrainState.apply_gradients` is the one place where the optimizer and the EMA are applied; the
+optimizer, its learning-rate schedule and the EMA decay are static fields, built once per run by
+`create_train_state`.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,14 @@ import optax
 from ddpm_jax import models
 from ddpm_jax.diffusion import timesteps
 
+OPTIMIZERS = ('adam', 'adamw')
+
+
+def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
+  """EMA of the weights; the first update copies the weights (decay 0), as the original code does."""
+  decay = jnp.where(step == 0, 0.0, decay)
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -21,7 +34,9 @@ class TrainState:
   step: int32 [], number of optimizer updates done. params / ema_params: the U-Net weights and their
   exponential moving average (DDPM §4: samples and metrics use the EMA). opt_state: optax state.
   sampler_state: the iDDPM §3.3 loss history (None without importance sampling). nonfinite_step:
-  int32 [], -1 while every loss was finite, else the first step whose loss was not; updates are frozen from then on.
+  int32 [], -1 while every loss was finite, else the first step whose loss was not; updates are frozen
+  from then on. tx, learning_rate, ema_decay: static (not saved): the optimizer, its schedule and the
+  EMA decay.
   """
   step: jax.Array
   params: Any
@@ -29,6 +44,17 @@ class TrainState:
   opt_state: optax.OptState
   sampler_state: timesteps.LossSecondMomentState | None
   nonfinite_step: jax.Array
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  learning_rate: optax.Schedule = flax.struct.field(pytree_node=False)
+  ema_decay: float = flax.struct.field(pytree_node=False)
+
+  def apply_gradients(self, grads: Any) -> TrainState:
+    """One optimizer update of `params` and the EMA update that follows it; `step` advances by one."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    return self.replace(step=self.step + 1, params=params,
+                        ema_params=ema_update(self.ema_params, params, self.ema_decay, self.step),
+                        opt_state=opt_state)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -39,10 +65,10 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.linear_schedule(0.0, lr, warmup)
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam (or AdamW) with the warm-up schedule, after clipping the gradient's global norm."""
+def create_optimizer(config: ml_collections.ConfigDict,
+                     schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Adam (or AdamW) with `schedule`, after clipping the gradient's global norm."""
   o = config.optim
-  schedule = learning_rate_schedule(config)
   if o.optimizer == 'adam':
     opt = optax.adam(schedule, b1=o.beta1, b2=o.beta2, eps=o.eps)
   else:
@@ -53,11 +79,13 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
 def create_train_state(config: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
   """A fresh state; the EMA starts as a copy of the initial weights."""
   params = models.init_params(models.create_model(config), key, config.data.image_size,
-                               config.data.num_channels)
-  tx = create_optimizer(config)
+                              config.data.num_channels)
+  schedule = learning_rate_schedule(config)
+  tx = create_optimizer(config, schedule)
   sampler_state = None
   if config.training.importance_sampling:
     sampler_state = timesteps.init_loss_second_moment(config.diffusion.num_timesteps)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                    sampler_state=sampler_state, nonfinite_step=jnp.full((), -1, jnp.int32))
+                    sampler_state=sampler_state, nonfinite_step=jnp.full((), -1, jnp.int32),
+                    tx=tx, learning_rate=schedule, ema_decay=config.training.ema_decay)

@@ -1,6 +1,6 @@
-"""The pure training step: model -> diffusion loss -> gradients -> optax -> EMA (DDPM Alg. 1, §4).
+"""The pure training step: model -> diffusion loss -> gradients -> `TrainState.apply_gradients` (DDPM Alg. 1, §4).
 
-`make_train_step` closes over the static parts (model, optimizer, coefficients) and returns
+`make_train_step` closes over the static parts (model, coefficients) and returns
 `train_step(state, batch, base_key) -> (state, metrics)`; the caller compiles it with `jax.jit` over the
 mesh. Its randomness is `fold_in(base_key, state.step)`, so a run is a pure function of (config, seed).
 """
@@ -11,21 +11,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from ddpm_jax import diffusion, parallel
 from ddpm_jax.diffusion import timesteps
-from ddpm_jax.train.state import TrainState, create_optimizer, learning_rate_schedule
+from ddpm_jax.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
 NUM_QUARTERS = 4
-
-
-def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
-  """EMA of the weights; the first update copies the weights (decay 0), as the original code does."""
-  decay = jnp.where(step == 0, 0.0, decay)
-  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
 def loss_by_quarter(loss: jax.Array, t: jax.Array, num_timesteps: int) -> Metrics:
@@ -44,12 +37,9 @@ def _sample_timesteps(state: TrainState, key: jax.Array, batch_size: int, num_ti
   return timesteps.sample_loss_second_moment(state.sampler_state, key, batch_size)
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: Any,
+def make_train_step(model: Any,
                     coefs: diffusion.DiffusionCoefficients) -> Callable[..., tuple[TrainState, Metrics]]:
   """Returns the pure `train_step(state, batch [B, H, W, C] in [-1, 1], base_key) -> (state, metrics)`."""
-  tx = create_optimizer(config)
-  schedule = learning_rate_schedule(config)
-  ema_decay = config.training.ema_decay
   num_timesteps = coefs.num_timesteps
 
   def train_step(state: TrainState, batch: jax.Array, base_key: jax.Array) -> tuple[TrainState, Metrics]:
@@ -63,14 +53,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: Any,
       return jnp.mean(terms['loss'] * weights), terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    sampler_state = state.sampler_state
-    if sampler_state is not None:
-      sampler_state = timesteps.update_loss_second_moment(sampler_state, t, terms['loss'])
-    new_state = state.replace(step=state.step + 1, params=params,
-                              ema_params=ema_update(state.ema_params, params, ema_decay, state.step),
-                              opt_state=opt_state, sampler_state=sampler_state)
+    new_state = state.apply_gradients(grads)
+    if state.sampler_state is not None:
+      new_state = new_state.replace(sampler_state=timesteps.update_loss_second_moment(
+          state.sampler_state, t, terms['loss']))
 
     # A non-finite loss freezes the state (only `step` advances) and records the first bad step, so
     # that the loop can stop with an error at its next sync point without a NaN ever reaching a checkpoint.
@@ -80,7 +66,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: Any,
         step=state.step + 1,
         nonfinite_step=jnp.where(ok | (state.nonfinite_step >= 0), state.nonfinite_step, state.step))
 
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'learning_rate': schedule(state.step)}
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+               'learning_rate': state.learning_rate(state.step)}
     metrics.update({name: jnp.mean(value) for name, value in terms.items() if name != 'loss'})
     metrics.update(loss_by_quarter(terms['loss'], t, num_timesteps))
     return new_state, metrics
@@ -88,13 +75,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: Any,
   return train_step
 
 
-def jit_train_step(config: ml_collections.ConfigDict, model: Any, coefs: diffusion.DiffusionCoefficients,
-                   mesh: jax.sharding.Mesh) -> Any:
+def jit_train_step(model: Any, coefs: diffusion.DiffusionCoefficients, mesh: jax.sharding.Mesh) -> Any:
   """`make_train_step` jitted for `mesh`: state and key replicated, batch split on `data`, state donated.
 
   The one place the step is jitted: the training loop and the benchmarks both use it, so the benchmarks
   time and inspect exactly what training runs.
   """
   repl, batch_sharding = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
-  return jax.jit(make_train_step(config, model, coefs), in_shardings=(repl, batch_sharding, repl),
+  return jax.jit(make_train_step(model, coefs), in_shardings=(repl, batch_sharding, repl),
                  out_shardings=(repl, repl), donate_argnums=(0,))

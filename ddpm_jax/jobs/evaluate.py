@@ -1,48 +1,47 @@
-"""--mode=eval: the metrics of config.eval.metrics for the latest checkpoint (EMA weights).
+"""--mode=eval: the metrics of config.eval.metrics for one set of weights.
 
   bpd              NLL bound in bits/dim on config.eval.num_examples of data.eval_split and
                    config.eval.num_train_examples of data.train_split (DDPM Table 2, the
                    train-test gap); per-t terms, prior and x0 MSE as eval/bpd_<split>.json, .csv.
   rate_distortion  DDPM §4.3 / Table 4 / Fig. 5 from the same bound terms:
                    eval/rate_distortion.csv and .png.
-  fid              FID / IS of config.eval.fid_num_samples samples of the sample directory (made
-                   first with `sampling.run.sample` if missing) against the training set.
+  fid              FID / IS of config.eval.fid_num_samples samples of the sample directory (the
+                   missing ones sampled first, with the weights at hand) against the training set.
   digits_fid       the digits classifier metrics on those samples (data.dataset = 'digits').
 
-Results are merged into <workdir>/eval/metrics.json, saved after every metric; a rerun on the same
-checkpoint skips the metrics already there (and reuses the cached bound terms), so a preempted eval
-continues where it stopped.
+The weights are the latest checkpoint's (EMA when config.sampling.use_ema), or those passed in (the
+final evaluation of a training run uses the weights it holds in memory). Results are merged into
+<workdir>/eval/metrics.json, saved after every metric; a rerun on the same checkpoint skips the
+metrics already there (and reuses the cached bound terms), so a preempted eval continues where it
+stopped.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from ddpm_jax import data, diffusion, models, parallel
-from ddpm_jax.config import validate_config
+from ddpm_jax import checkpoints, data, diffusion, models, parallel, sampling, workdir as workdir_lib
+from ddpm_jax.evaluation import METRIC_NAMES
 from ddpm_jax.evaluation import bpd as bpd_lib
 from ddpm_jax.evaluation import rate_distortion as rd_lib
-from ddpm_jax.sampling import run as sampling_run
-from ddpm_jax.streams import BPD_STREAM, stream_key
+from ddpm_jax.sampling.generate import generate_uint8
+from ddpm_jax.streams import BPD_STREAM, SAMPLE_STREAM, stream_key
 
-METRICS_FILE = 'metrics.json'
 # The bound is evaluated with x0_hat clipped to [-1, 1], as the reference evaluation scripts do.
 BPD_CLIP_DENOISED = True
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalContext:
-  """What every metric needs: the config, where to write, and the loaded network."""
+  """What every metric needs: the config, where to write, and the network's weights."""
   config: ml_collections.ConfigDict
   workdir: str
   eval_dir: str
@@ -51,26 +50,11 @@ class EvalContext:
   step: int
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def _is_writer() -> bool:
-  return jax.process_index() == 0
-
-
 # --- the bound terms of one split, cached on disk -------------------------------------------------
-
-def _terms_path(ctx: EvalContext, split: str) -> str:
-  return os.path.join(ctx.eval_dir, f'terms_{split}.npz')
-
 
 def split_terms(ctx: EvalContext, split: str, num_examples: int) -> dict[str, Any]:
   """`dataset_bpd` means of the first num_examples images of `split`, cached on disk."""
-  path = _terms_path(ctx, split)
+  path = os.path.join(ctx.eval_dir, f'terms_{split}.npz')
   if os.path.exists(path):
     with np.load(path) as f:
       cached = {k: f[k] for k in f.files}
@@ -84,10 +68,8 @@ def split_terms(ctx: EvalContext, split: str, num_examples: int) -> dict[str, An
                                clip_denoised=BPD_CLIP_DENOISED)
   key = stream_key(config, BPD_STREAM)
   terms = bpd_lib.dataset_bpd(bpd_fn, ctx.params, key, images, config.eval.batch_size, ctx.mesh)
-  if _is_writer():
-    tmp = f'{path}.tmp-{os.getpid()}.npz'
-    np.savez(tmp, requested=num_examples, checkpoint_step=ctx.step, **terms)
-    os.replace(tmp, path)
+  if parallel.is_writer():
+    workdir_lib.savez(path, requested=num_examples, checkpoint_step=ctx.step, **terms)
   return terms
 
 
@@ -100,18 +82,15 @@ def _terms_from_npz(cached: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def _write_split_report(ctx: EvalContext, split: str, terms: dict[str, Any]) -> None:
   """eval/bpd_<split>.json (everything) and eval/bpd_<split>.csv (one row per paper timestep t)."""
-  if not _is_writer():
+  if not parallel.is_writer():
     return
   base = os.path.join(ctx.eval_dir, f'bpd_{split}')
-  _write_json(base + '.json', {k: (v.tolist() if isinstance(v, np.ndarray) else v)
-                               for k, v in terms.items()})
-  tmp = f'{base}.csv.tmp-{os.getpid()}'
-  with open(tmp, 'w', newline='') as f:
+  workdir_lib.write_json(base + '.json', _jsonable(terms))
+  with workdir_lib.atomic_write(base + '.csv', 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(('t', 'vb_bpd', 'xstart_mse', 'eps_mse'))
     for i, row in enumerate(zip(terms['vb'], terms['xstart_mse'], terms['mse'])):
       writer.writerow([i + 1] + [f'{v:.8g}' for v in row])
-  os.replace(tmp, base + '.csv')
 
 
 # --- the metrics ----------------------------------------------------------------------------------
@@ -141,23 +120,29 @@ def rate_distortion_metric(ctx: EvalContext) -> dict[str, Any]:
   curve = rd_lib.rate_distortion_curve(terms['prior_bpd'], terms['vb'], terms['xstart_mse'])
   csv_path = os.path.join(ctx.eval_dir, 'rate_distortion.csv')
   png_path = os.path.join(ctx.eval_dir, 'rate_distortion.png')
-  if _is_writer():
+  if parallel.is_writer():
     rd_lib.write_csv(curve, csv_path)
     rd_lib.plot(curve, png_path)
   return dict(rd_lib.summary(curve, terms['vb']), csv=csv_path, png=png_path)
 
 
 def eval_samples(ctx: EvalContext, num_samples: int) -> np.ndarray:
-  """uint8 [num_samples, H, W, C] from the sample directory, sampling the missing ones first."""
-  directory = sampling_run.sample_dir(ctx.config, ctx.workdir)
+  """uint8 [num_samples, H, W, C] from the sample directory; the missing ones are sampled first with
+  the weights at hand (the same shards, keys and settings as --mode=sample)."""
+  c = ctx.config
+  directory = workdir_lib.sample_dir(ctx.workdir, c.eval.sample_dir)
   try:
-    return sampling_run.load_samples(directory, num_samples)
+    return workdir_lib.load_samples(directory, num_samples)
   except ValueError:
     logging.info('Fewer than %d samples in %s: sampling them first.', num_samples, directory)
-  config = ctx.config.copy_and_resolve_references()
-  config.sampling.num_samples = max(num_samples, config.sampling.num_samples)
-  sampling_run.sample(config, ctx.workdir)
-  return sampling_run.load_samples(directory, num_samples)
+  sample_fn = sampling.make_sample_fn(c, models.create_model(c), ctx.mesh)
+  key = stream_key(c, SAMPLE_STREAM)
+  workdir_lib.fill_sample_shards(
+      directory, workdir_lib.sample_meta(c, ctx.step), max(num_samples, c.sampling.num_samples),
+      lambda start, stop: generate_uint8(sample_fn, ctx.params, key, start, stop,
+                                         c.sampling.batch_size),
+      is_writer=parallel.is_writer(), broadcast=parallel.broadcast_from_writer, log=logging.info)
+  return workdir_lib.load_samples(directory, num_samples)
 
 
 def fid_metric(ctx: EvalContext) -> dict[str, Any]:
@@ -167,7 +152,7 @@ def fid_metric(ctx: EvalContext) -> dict[str, Any]:
   CIFAR10 training images) are computed once and cached in
   eval/fid_reference_<dataset>_<split>_<n>.npz.
   """
-  from ddpm_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.evaluation import fid  # pylint: disable=g-import-not-at-top  (Inception: slow import)
   c = ctx.config
   num = c.eval.fid_num_samples
   samples = eval_samples(ctx, num)
@@ -191,14 +176,14 @@ METRICS: dict[str, Callable[[EvalContext], dict[str, Any]]] = {
     'fid': fid_metric,
     'digits_fid': digits_fid_metric,
 }
+assert tuple(METRICS) == METRIC_NAMES, 'every name config.eval.metrics allows has a runner here'
 
 
 def _load_metrics(path: str, step: int) -> dict[str, Any]:
   """The saved metrics of this checkpoint step; those of another step are stale and dropped."""
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    saved = json.load(f)
+  saved = workdir_lib.read_json(path)
   if saved.get('checkpoint_step') != step:
     logging.info('%s belongs to checkpoint step %s, not %d: recomputing.', path,
                  saved.get('checkpoint_step'), step)
@@ -214,21 +199,19 @@ def _jsonable(tree: Any) -> Any:
   return tree
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs config.eval.metrics on the latest checkpoint of `workdir`; returns the merged metrics.
+def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, *, params: Any = None,
+             step: int | None = None) -> dict[str, Any]:
+  """Runs config.eval.metrics; returns the merged metrics (also <workdir>/eval/metrics.json).
 
-  The dict (also <workdir>/eval/metrics.json) maps each metric name to its results, plus
+  params / step: the weights to evaluate and their training step; by default the latest checkpoint's
+  (EMA weights when config.sampling.use_ema). The dict maps each metric name to its results, plus
   'checkpoint_step'.
   """
-  parallel.maybe_initialize_distributed(config.training.distributed)
-  mesh = parallel.create_mesh()
-  validate_config(config, num_devices=mesh.devices.size, num_processes=jax.process_count())
-  params, step = sampling_run.load_inference_params(config, workdir, mesh)
-  eval_dir = os.path.join(workdir, 'eval')
-  os.makedirs(eval_dir, exist_ok=True)
-  ctx = EvalContext(config=config, workdir=workdir, eval_dir=eval_dir, mesh=mesh, params=params,
-                    step=step)
-  path = os.path.join(eval_dir, METRICS_FILE)
+  if params is None:
+    params, step = checkpoints.restore_sampling_params(workdir, config, mesh)
+  ctx = EvalContext(config=config, workdir=workdir, eval_dir=workdir_lib.eval_dir(workdir), mesh=mesh,
+                    params=params, step=step)
+  path = os.path.join(ctx.eval_dir, workdir_lib.METRICS_FILE)
   metrics = _load_metrics(path, step)
   metrics['checkpoint_step'] = step
   for name in config.eval.metrics:
@@ -237,6 +220,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       continue
     metrics[name] = _jsonable(METRICS[name](ctx))
     logging.info('%s: %s', name, metrics[name])
-    if _is_writer():
-      _write_json(path, metrics)
+    if parallel.is_writer():
+      workdir_lib.write_json(path, metrics)
   return metrics

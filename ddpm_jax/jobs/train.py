@@ -1,22 +1,18 @@
-"""`train_and_evaluate(config, workdir)`: the training job (DDPM §4, Appendix B).
+"""--mode=train: the training loop (DDPM §4, Appendix B).
 
 Data (this process's shard) -> global batch on the mesh -> jitted `train_step` (state replicated, batch
-sharded, state donated) -> metrics every `log_every` steps (the only host syncs), EMA sample grids, orbax
-checkpoints every `checkpoint_every` steps and on SIGTERM. Restarting on the same workdir resumes from the
-latest checkpoint; because batches and keys are functions of (seed, step), the resumed run is bit-identical
-to an uninterrupted one.
+sharded, state donated) -> metrics every `log_every` steps (the only host syncs), EMA sample grids,
+orbax checkpoints (train state and data position together) every `checkpoint_every` steps and on
+SIGTERM. Restarting on the same workdir resumes from the latest checkpoint; because batches and keys
+are functions of (seed, step), the resumed run is bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
-import os
-import shutil
 import signal
 import threading
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +20,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.sharding import Mesh
 
-from ddpm_jax import checkpoints, data, diffusion, images, models, parallel, sampling
-from ddpm_jax.config import validate_config
+from ddpm_jax import checkpoints, data, diffusion, images, models, parallel, sampling, workdir as workdir_lib
 from ddpm_jax.streams import GRID_STREAM, INIT_STREAM, TRAIN_STREAM, stream_key
-from ddpm_jax.train.state import TrainState, create_train_state
-from ddpm_jax.train.step import jit_train_step
+from ddpm_jax.train import TrainState, create_train_state, jit_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -55,34 +50,6 @@ class _Preemption:
       signal.signal(sig, handler)
 
 
-def _data_state_dir(workdir: str, step: int) -> str:
-  return os.path.join(workdir, 'data_state', str(step), f'process_{jax.process_index()}')
-
-
-def _prune_data_states(workdir: str, keep: set[int]) -> None:
-  """Drops this process's data-stream states of checkpoints orbax has deleted (`training.keep_checkpoints`).
-
-  A tf.data state holds the shuffle buffer (tens of MB for CIFAR10), so keeping one per checkpoint
-  ever written would fill the disk over a long run.
-  """
-  root = os.path.join(workdir, 'data_state')
-  for name in os.listdir(root) if os.path.isdir(root) else []:
-    if name.isdigit() and int(name) not in keep:
-      shutil.rmtree(_data_state_dir(workdir, int(name)), ignore_errors=True)
-      with contextlib.suppress(OSError):  # other processes' states may still be there
-        os.rmdir(os.path.join(root, name))
-
-
-def _initial_state(config, manager, mesh) -> TrainState:
-  state = checkpoints.restore_latest(manager, config, mesh)
-  if state is not None:
-    logging.info('Resuming from the checkpoint at step %d.', int(state.step))
-    return state
-  init = jax.jit(lambda key: create_train_state(config, key),
-                 out_shardings=parallel.replicated_sharding(mesh))
-  return init(stream_key(config, INIT_STREAM))
-
-
 def _check_finite(state: TrainState) -> None:
   bad_step = int(jax.device_get(state.nonfinite_step))
   if bad_step >= 0:
@@ -102,49 +69,55 @@ def _summarize(total: dict[str, jax.Array], count: int) -> dict[str, float]:
   return {k: float(v) / count for k, v in parallel.to_host(total).items()}
 
 
-def write_sample_grid(config, sample_fn, mesh, params, workdir: str, step: int) -> str:
+def _write_sample_grid(config: ml_collections.ConfigDict, sample_fn: Any, mesh: Mesh,
+                       params: Any, workdir: str, step: int) -> str:
   """EMA samples of fixed noise (the same every time, so grids show progress) as `samples_<step>.png`."""
   n = config.training.num_grid_samples
   indices = np.arange(n + (-n) % mesh.devices.size, dtype=np.int32)
   samples = parallel.to_host(sample_fn(params, stream_key(config, GRID_STREAM), indices))
-  path = os.path.join(workdir, f'samples_{step}.png')
-  if jax.process_index() == 0:
+  path = workdir_lib.grid_path(workdir, step)
+  if parallel.is_writer():
     images.save_image_grid(data.to_uint8(np.asarray(samples)[:n]), path)
   return path
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       data_iterator: Iterator[np.ndarray] | None = None) -> TrainState:
+def _initial_state(config: ml_collections.ConfigDict, manager: Any, mesh: Mesh,
+                   data_iterator: Any) -> TrainState:
+  """The latest checkpoint's state (and data position), or a fresh state from the seed."""
+  state = checkpoints.restore_for_training(manager, config, mesh, data_iterator)
+  if state is not None:
+    logging.info('Resuming from the checkpoint at step %d.', int(state.step))
+    return state
+  init = jax.jit(lambda key: create_train_state(config, key),
+                 out_shardings=parallel.replicated_sharding(mesh))
+  return init(stream_key(config, INIT_STREAM))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
+          data_iterator: Iterator[np.ndarray] | None = None) -> TrainState:
   """Trains `config.training.num_train_steps` steps in `workdir` (resuming if it has checkpoints).
 
   `data_iterator` (optional, for tests) replaces the configured data source; it must yield this
   process's float32 [-1, 1] batches starting at the resumed step.
   """
-  parallel.maybe_initialize_distributed(config.training.distributed)
-  mesh = parallel.create_mesh()
-  validate_config(config, num_devices=mesh.devices.size, num_processes=jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  model = models.create_model(config)
-  coefs = diffusion.coefficients_from_config(config.diffusion)
   manager = checkpoints.create_manager(workdir, keep=config.training.keep_checkpoints)
-  state = _initial_state(config, manager, mesh)
-  start_step, num_steps = int(jax.device_get(state.step)), config.training.num_train_steps
-
+  start_step = manager.latest_step() or 0
   if data_iterator is None:
     data_iterator = data.create_train_iterator(
         config, seed=config.seed, start_step=start_step, process_index=jax.process_index(),
         process_count=jax.process_count())
-    if os.path.isdir(_data_state_dir(workdir, start_step)):
-      data_iterator.restore_state(_data_state_dir(workdir, start_step))
+  state = _initial_state(config, manager, mesh, data_iterator)
+  # Only now, with the checkpoint known to fit this config, is the config recorded.
+  if parallel.is_writer():
+    with workdir_lib.atomic_write(workdir_lib.config_path(workdir), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  start_step, num_steps = int(jax.device_get(state.step)), config.training.num_train_steps
 
-  train_step = jit_train_step(config, model, coefs, mesh)
+  model = models.create_model(config)
+  train_step = jit_train_step(model, diffusion.coefficients_from_config(config.diffusion), mesh)
   train_key = stream_key(config, TRAIN_STREAM)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(workdir, just_logging=not parallel.is_writer())
   progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                              every_steps=config.training.log_every)
   preemption = _Preemption()
@@ -152,13 +125,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   metric_sum: dict[str, jax.Array] | None = None
   metric_count = 0
   grid_sample_fn = None
-
-  def save(step: int) -> None:
-    _check_finite(state)  # never let a NaN state replace the last good checkpoint
-    checkpoints.save(manager, state, config)
-    if hasattr(data_iterator, 'save_state'):
-      data_iterator.save_state(_data_state_dir(workdir, step))
-      _prune_data_states(workdir, keep=set(manager.all_steps()) | {step})
 
   try:
     for step in range(start_step + 1, num_steps + 1):
@@ -177,11 +143,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         _check_finite(state)
         if grid_sample_fn is None:  # built once: every grid reuses the compiled sampler
           grid_sample_fn = sampling.make_sample_fn(config, model, mesh)
-        path = write_sample_grid(config, grid_sample_fn, mesh, state.ema_params, workdir, step)
+        path = _write_sample_grid(config, grid_sample_fn, mesh, state.ema_params, workdir, step)
         logging.info('Wrote EMA samples to %s', path)
       preempted = preemption.requested or manager.reached_preemption(step)
       if step % t.checkpoint_every == 0 or last or preempted:
-        save(step)
+        _check_finite(state)  # never let a NaN state replace the last good checkpoint
+        checkpoints.save(manager, state, config, data_iterator)
       if preempted:
         logging.warning('Stopped at step %d after checkpointing (preemption).', step)
         break
@@ -189,10 +156,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     preemption.restore()
     writer.flush()
     manager.wait_until_finished()
-
-  if config.training.final_eval and int(jax.device_get(state.step)) == num_steps:
-    from ddpm_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
-    results = evaluate.evaluate(config, workdir)
-    if jax.process_index() == 0:
-      print('Final evaluation:', json.dumps(results, indent=1, default=str), flush=True)
   return state

@@ -1,0 +1,72 @@
+"""The jobs behind `main.py --mode=...`, the one set-up they share, and the table that dispatches them.
+
+Each job is `job(config, workdir, mesh)`: it decides what to compute, calls the libraries, and is the
+only code that reads or writes the workdir (through `ddpm_jax.workdir` and `ddpm_jax.checkpoints`).
+No job calls another; `train_and_evaluate` composes the training job with the evaluation of the EMA
+weights it holds in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import jax
+import ml_collections
+from absl import logging
+from jax.sharding import Mesh
+
+from ddpm_jax import parallel
+from ddpm_jax.config import validate_config
+from ddpm_jax.data import tfds_source
+from ddpm_jax.jobs import evaluate, interpolate, progressive, sample, train
+
+Job = Callable[[ml_collections.ConfigDict, str, Mesh], Any]
+
+
+def setup(config: ml_collections.ConfigDict) -> Mesh:
+  """Once per process, before any job: hosts, TF off the accelerators, the mesh, the config checked.
+
+  Joins the other hosts first (`training.distributed`: nothing may touch a device before), hides every
+  GPU / TPU from TensorFlow (a data loader here, which must leave accelerator memory to JAX), builds
+  the mesh of all devices and validates the whole config against it. Returns the mesh.
+  """
+  parallel.maybe_initialize_distributed(config.training.distributed)
+  tfds_source.tf_cpu_only()
+  mesh = parallel.create_mesh()
+  validate_config(config, num_devices=mesh.devices.size, num_processes=jax.process_count())
+  logging.info('JAX %s: process %d/%d, %d local / %d global devices (%s)', jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  return mesh
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
+                       **train_kwargs: Any) -> Any:
+  """The training job, then (config.training.final_eval, once every step is done) the evaluation job
+  on the weights still in memory (EMA unless config.sampling.use_ema is off); prints the final
+  metrics. Returns the train state."""
+  state = train.train(config, workdir, mesh, **train_kwargs)
+  step = int(jax.device_get(state.step))
+  if config.training.final_eval and step == config.training.num_train_steps:
+    params = state.ema_params if config.sampling.use_ema else state.params
+    results = evaluate.evaluate(config, workdir, mesh, params=params, step=step)
+    if parallel.is_writer():
+      print('Final evaluation:', json.dumps(results, indent=1, default=str), flush=True)
+  return state
+
+
+JOBS: dict[str, Job] = {
+    'train': train_and_evaluate,
+    'sample': sample.sample,
+    'eval': evaluate.evaluate,
+    'progressive': progressive.progressive,
+    'interpolate': interpolate.interpolate,
+}
+
+
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """`setup` then `JOBS[mode]`: what `main.py` does, for notebooks and tests."""
+  if mode not in JOBS:
+    raise ValueError(f'--mode={mode!r} is invalid: allowed: {sorted(JOBS)}')
+  return JOBS[mode](config, workdir, setup(config))

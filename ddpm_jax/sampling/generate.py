@@ -1,0 +1,26 @@
+"""Many samples as uint8 images, batch by batch, from a compiled `sample_fn` (see `sample_fn.py`)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from ddpm_jax import parallel
+from ddpm_jax.data.preprocess import to_uint8
+
+
+def generate_uint8(sample_fn: Callable[..., jax.Array], params: Any, base_key: jax.Array, start: int,
+                   stop: int, batch_size: int) -> np.ndarray:
+  """uint8 [stop - start, H, W, C]: the samples of global indices [start, stop), `batch_size` at a
+  time (the last batch padded with the next indices and cut), on every process.
+
+  Sample i is drawn from fold_in(base_key, i) alone, so the result does not depend on batch_size.
+  """
+  out = []
+  for first in range(start, stop, batch_size):
+    indices = np.arange(first, first + batch_size, dtype=np.int32)
+    samples = parallel.to_host(sample_fn(params, base_key, indices))
+    out.append(to_uint8(np.asarray(samples))[:stop - first])
+  return np.concatenate(out)
