@@ -222,7 +222,7 @@ def test_missing_tfds_dataset_says_how_to_prepare(tmp_path, monkeypatch):
     raise ConnectionError('no network in tests')
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', no_network)
   config = _config(cifar10, data_dir=str(tmp_path))
-  expected = re.escape(f'tfds build cifar10 --data_dir={tmp_path}')
+  expected = re.escape(f'python -m ddpm_jax.data.prepare cifar10 --data_dir={tmp_path}')
   with pytest.raises(data.DatasetUnavailableError, match=expected):
     data.load_eval_images(config, 'test', 4)
   config = _config(celeba_hq, data_dir=str(tmp_path))

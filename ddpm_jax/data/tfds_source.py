@@ -13,6 +13,8 @@ the iterator checkpoints save) then holds compressed images.
 from __future__ import annotations
 
 import functools
+import os
+import re
 import types
 from typing import TYPE_CHECKING, Callable
 
@@ -54,30 +56,89 @@ def _short(error: BaseException) -> str:
   return text if len(text) <= _MESSAGE_CHARS else text[:_MESSAGE_CHARS] + '...'
 
 
-def _how_to_prepare(name: str, builder: DatasetBuilder, data_dir: str | None,
-                    error: BaseException) -> str:
-  where = data_dir or 'the default tfds data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)'
+# Modules that tfds imports only while it prepares a dataset, and what to install for each. tfds
+# 4.9.10 declares importlib_resources only for Python < 3.9 but imports it on every preparation
+# (issue #18); tensorflow_io is what its lsun builder reads LMDB with.
+_INSTALL_HINTS = {
+    'importlib_resources': '`pip install "importlib_resources>=7.1.0"` (a dependency of '
+                           'ddpm_jax: reinstall it with `pip install -e .`)',
+    'tensorflow_io': "tfds's lsun builder reads LMDB with tensorflow-io, whose latest release "
+                     '(0.37.1) is built for TensorFlow 2.17 and does not load with the TensorFlow '
+                     'that ddpm_jax uses. Prepare the dataset in a separate environment with '
+                     '`pip install "tensorflow-datasets[lsun]"` (it installs TensorFlow 2.17 and '
+                     "tensorflow-io) and run tfds's download_and_prepare there; any tfds reads "
+                     'the prepared files',
+}
+_MISSING_MODULE_PATTERNS = (
+    re.compile(r"No module named '([\w.]+)'"),
+    re.compile(r'Failed importing ([\w.]+)'),  # tfds's lazy_imports
+    re.compile(r'import of ([\w.]+) halted'),
+)
+
+
+def missing_module(error: BaseException) -> str | None:
+  """The top-level module whose import failed somewhere in error's chain (None: no ImportError).
+
+  tfds re-raises import errors with a new message and without `.name`, hence the patterns.
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, ImportError):
+      if error.name:
+        return error.name.split('.')[0]
+      for pattern in _MISSING_MODULE_PATTERNS:
+        match = pattern.search(str(error))
+        if match:
+          return match.group(1).split('.')[0]
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def prepare_command(name: str, data_dir: str) -> str:
+  """The shell command that downloads and prepares tfds dataset `name` into data_dir.
+
+  Not `tfds build`: tfds 4.9.10's CLI imports apache_beam, which tensorflow-datasets does not
+  install, so that command fails before it starts.
+  """
+  return f'python -m ddpm_jax.data.prepare {name} --data_dir={data_dir}'
+
+
+def _how_to_prepare(name: str, builder: DatasetBuilder, error: BaseException) -> str:
+  root = str(builder.data_dir_root)
+  command = prepare_command(name, root)
   lines = [
-      f'tfds dataset {name!r} is not prepared in {builder.data_dir!r} and tfds could not prepare '
-      f'it ({type(error).__name__}: {_short(error)}).',
-      f'Prepare it once on a machine with network access: `tfds build {name} '
-      f'--data_dir={data_dir or "<dir>"}`, then set data.data_dir to that directory '
-      f'(now: {where}).',
+      f'tfds dataset {name!r} is not prepared in data_dir {root!r} (looked in '
+      f'{builder.data_dir!r}) and tfds could not prepare it ({type(error).__name__}: '
+      f'{_short(error)}).',
   ]
+  module = missing_module(error)
+  if module is not None:
+    hint = _INSTALL_HINTS.get(module, f'`pip install {module}`')
+    lines.append(f'Preparing {name!r} needs the Python module {module!r}, which is not '
+                 f'installed: {hint}. Until then `{command}` fails the same way.')
+  else:
+    lines.append(f'Prepare it once on a machine with network access: `{command}`, then set '
+                 f'--config.data.data_dir={root}.')
   instructions = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
   if instructions:
-    lines.append(f'{name!r} needs a manual download: put the files in <data_dir>/downloads/manual '
-                 f'(or pass --manual_dir=... to `tfds build`). tfds says: '
+    manual_dir = os.path.join(root, 'downloads', 'manual')
+    lines.append(f'{name!r} needs a manual download: put the files in {manual_dir} (or pass '
+                 f'--manual_dir=DIR to the command above). tfds says: '
                  f'{" ".join(instructions.split())}')
   return '\n'.join(lines)
 
 
-def prepared_builder(name: str, data_dir: str | None) -> DatasetBuilder:
+def prepared_builder(name: str, data_dir: str | None,
+                     manual_dir: str | None = None) -> DatasetBuilder:
   """tfds builder of `name` in `data_dir`, downloading and preparing it when it is missing.
+
+  manual_dir: where tfds looks for manually downloaded files (default <data_dir>/downloads/manual).
 
   Raises:
     ValueError: tfds cannot build a dataset of that name (names data.dataset).
-    DatasetUnavailableError: it is not prepared and tfds could not prepare it (says how to).
+    DatasetUnavailableError: it is not prepared and tfds could not prepare it (names the dataset,
+      the data_dir and the command that prepares it, or the package that is missing).
   """
   tf_cpu_only()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -90,10 +151,11 @@ def prepared_builder(name: str, data_dir: str | None) -> DatasetBuilder:
                      f'(features: {sorted(builder.info.features)})')
   if not builder.is_prepared():
     try:
-      builder.download_and_prepare()
-    # Network, manual-download and checksum failures all come with different exception types.
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    # Network, manual-download, checksum and import failures all come with different types.
     except Exception as e:  # pylint: disable=broad-except
-      raise DatasetUnavailableError(_how_to_prepare(name, builder, data_dir, e)) from e
+      raise DatasetUnavailableError(_how_to_prepare(name, builder, e)) from e
   return builder
 
 
