@@ -4,7 +4,28 @@ Files are found recursively and taken in sorted path order, so a folder always m
 sequence of images. A split name selects the subfolder `<folder>/<split>` when it exists (the usual
 train/ and test/ layout); otherwise every split is the whole tree. Each image is centre-cropped to a
 square and resized with Pillow's antialiased bicubic filter (the same filter family as the tf.data
-path), then converted to 1 (L) or 3 (RGB) channels.
+path), after conversion to 1 (L) or 3 (RGB) channels of 8 bits.
+
+Conversion to 8 bits, per Pillow mode of the decoded file (`to_channels`; issue #19):
+  'L', 'RGB'             as stored.
+  '1'                    0 / 255.
+  'LA', 'RGBA', 'PA'     alpha dropped: the stored colour of every pixel is kept, transparent ones
+                         included (no compositing onto a background).
+  'P'                    through its palette; a transparent index or alpha table is dropped too.
+  'RGBX', 'CMYK',        Pillow's conversion to RGB (CMYK without colour management:
+  'YCbCr', 'LAB', 'HSV'  R = (255 - C)(255 - K) / 255, ...).
+  'I;16', 'I;16L',       16-bit grey, scaled to 8 bits: round(v * 255 / 65535) = round(v / 257),
+  'I;16B', 'I;16N'       so the 16-bit version of an 8-bit level k (v = 257 k) gives k back.
+                         Pillow's own convert() clips them to 255, turning most of an image white.
+  'I'                    32-bit integer; older Pillows decode 16-bit grey PNGs so, and no listed
+                         format holds wider samples, so it is read as 16-bit as above. Values
+                         outside [0, 65535] are refused.
+  'F'                    refused: floating-point samples have no agreed range ([0, 1]? [0, 255]?).
+  others ('La', ...)     refused, with an error naming the file and these modes.
+A colour image asked for 1 channel is converted to RGB first, then to ITU-R 601-2 luma
+(L = 0.299 R + 0.587 G + 0.114 B, Pillow's 'L'); a grey one asked for 3 channels is replicated.
+Pillow decodes 48- and 64-bit RGB(A) PNGs, and 16-bit grey + alpha ones, to 8-bit RGB(A) itself
+(keeping each sample's high byte, within 1 of the rounding above).
 """
 
 from __future__ import annotations
@@ -19,6 +40,11 @@ from ddpm_jax.data import preprocess
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
 _MODES = {1: 'L', 3: 'RGB'}
+# Pillow modes by how they reach 8 bits (see the module docstring).
+_GREY_8BIT_MODES = ('1', 'L', 'LA')
+_COLOUR_8BIT_MODES = ('P', 'PA', 'RGB', 'RGBA', 'RGBX', 'CMYK', 'YCbCr', 'LAB', 'HSV')
+_GREY_16BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+_SUPPORTED_MODES = _GREY_8BIT_MODES + _COLOUR_8BIT_MODES + _GREY_16BIT_MODES
 _MAX_DECODE_THREADS = 8
 
 
@@ -43,21 +69,63 @@ def list_image_files(folder: str, split: str | None = None) -> list[str]:
   return paths
 
 
+def to_channels(image: Image.Image, num_channels: int, path: str = '<image>') -> Image.Image:
+  """A decoded image of any supported Pillow mode -> 8-bit 'L' (1 channel) or 'RGB' (3 channels).
+
+  The per-mode rule is in the module docstring: 16-bit grey is scaled (round(v / 257)), not
+  clipped; alpha is dropped.
+
+  Raises:
+    ValueError: a mode without a defined conversion ('F', 'La', ...), or 'I' samples outside the
+      16-bit range; the message names `path`, the mode and the supported modes.
+  """
+  mode = image.mode
+  target = _MODES[num_channels]
+  if mode in _GREY_16BIT_MODES:
+    # np.asarray honours the byte order of 'I;16B' and gives int32 for 'I'.
+    values = np.asarray(image).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+      raise ValueError(f'data.image_folder: {path!r} has Pillow mode {mode!r} with values in '
+                       f'[{values.min()}, {values.max()}]; mode {mode!r} is read as 16-bit grey, '
+                       'so values must lie in [0, 65535]')
+    # v * 255 / 65535 = v / 257 exactly; + 128 before the floor division rounds to nearest (no
+    # ties: v / 257 is never k + 1/2 for an integer v).
+    image = Image.fromarray(((values + 128) // 257).astype(np.uint8))
+    return image.convert(target)
+  if mode in _GREY_8BIT_MODES:
+    return image.convert(target)
+  if mode in _COLOUR_8BIT_MODES:
+    if mode == 'P' and 'transparency' in image.info:
+      # Via RGBA, as Pillow asks (it warns on a direct conversion); the alpha is dropped next.
+      image = image.convert('RGBA')
+    # Through RGB first, so that every colour mode reaches 'L' by the same luma formula.
+    image = image.convert('RGB')
+    return image if target == 'RGB' else image.convert(target)
+  why = ('floating-point samples have no agreed range; save the image with 8- or 16-bit integer '
+         'samples' if mode == 'F' else 'no conversion to 8 bits is defined for it')
+  raise ValueError(f'data.image_folder: {path!r} has Pillow mode {mode!r}: {why} (supported '
+                   f'modes: {", ".join(_SUPPORTED_MODES)})')
+
+
 def load_image(path: str, image_size: int, num_channels: int) -> np.ndarray:
   """Decodes one file -> uint8 [image_size, image_size, num_channels] (centre crop, bicubic resize).
 
+  Every Pillow mode is first brought to 8-bit L or RGB by `to_channels` (module docstring).
+
   Raises:
-    ValueError: the file cannot be decoded (message names the file).
+    ValueError: the file cannot be decoded, or its mode has no conversion (message names the file).
   """
   try:
     with Image.open(path) as image:
       # Camera JPEGs store their rotation in EXIF; apply it so the crop sees the upright image.
-      image = ImageOps.exif_transpose(image).convert(_MODES[num_channels])
+      # (exif_transpose returns a loaded copy, so it outlives the file and decode errors land here.)
+      image = ImageOps.exif_transpose(image)
   # Pillow signals corrupt or truncated data with several exception types (OSError, SyntaxError,
   # ValueError, struct.error...), so any failure here is reported as an undecodable file.
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'data.image_folder: cannot decode image file {path!r} '
                      f'({type(e).__name__}: {e})') from e
+  image = to_channels(image, num_channels, path)
   top, left, side = preprocess.centre_square(image.height, image.width)
   if (side, side) != (image.height, image.width):
     # An explicit crop: resize(box=...) would let the filter reach into the discarded margins.
