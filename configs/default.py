@@ -53,9 +53,13 @@ def get_config() -> ml_collections.ConfigDict:
   model.dropout = 0.1
   model.resamp_with_conv = True
   model.learn_sigma = False      # 2C output channels; required by var_type learned / learned_range
+  model.num_classes = 0          # > 0: class-conditional (iDDPM's class_cond), label embedding
   model.dtype = 'float32'        # computation dtype: float32 | bfloat16 (parameters stay float32)
   # Kernel of jax.nn.dot_product_attention: None lets JAX choose; 'xla'; 'cudnn' (fused, GPU + bfloat16).
   model.attn_implementation = ml_collections.config_dict.placeholder(str)
+  # The code the weights come from (layers.CONVENTIONS): 'diffusion_tf' (DDPM) or 'improved_diffusion'
+  # (its released .pt models: GroupNorm eps, timestep embedding, downsampling padding).
+  model.conventions = 'diffusion_tf'
 
   # --- diffusion (DDPM §2-3, iDDPM §3) ---
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -67,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.var_type = 'fixed_large'   # fixed_small | fixed_large | learned | learned_range
   diffusion.loss_type = 'mse'          # mse | rescaled_mse | kl | rescaled_kl | hybrid
   diffusion.hybrid_lambda = 0.001      # lambda of L_hybrid = L_simple + lambda L_vlb (iDDPM §3.1)
+  # improved-diffusion's conventions (README "improved-diffusion conventions"):
+  diffusion.rescale_timesteps = False  # the network sees t * 1000 / T (float) instead of int t
+  diffusion.rescale_learned_sigmas = False  # loss_type 'mse' + learned variance -> 'rescaled_mse'
 
   # --- optimizer ---
   config.optim = optim = ml_collections.ConfigDict()

@@ -158,11 +158,20 @@ def _check_diffusion(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     _fail('diffusion.beta_end', d.beta_end,
           f'with diffusion.beta_start={d.beta_start!r} and beta_schedule={d.beta_schedule!r}: {e}')
+  for field in ('rescale_timesteps', 'rescale_learned_sigmas'):  # improved-diffusion's flags
+    if not isinstance(d.get(field, False), bool):
+      _fail(f'diffusion.{field}', d.get(field), 'expected True or False')
+  rescale_sigmas = d.get('rescale_learned_sigmas', False)
+  if rescale_sigmas and d.loss_type not in ('mse', 'rescaled_mse'):
+    _fail('diffusion.rescale_learned_sigmas', True,
+          f"improved-diffusion's flag chooses between its MSE and RESCALED_MSE losses: it needs "
+          f"diffusion.loss_type 'mse' or 'rescaled_mse', not {d.loss_type!r}")
   learned = d.var_type in diffusion.LEARNED_VAR_TYPES
-  if learned and d.loss_type == 'mse':
+  if learned and d.loss_type == 'mse' and not rescale_sigmas:
     _fail('diffusion.loss_type', d.loss_type,
           f'plain L_simple does not train var_type={d.var_type!r} (DDPM Table 2: unstable); use '
-          'hybrid, rescaled_mse, kl or rescaled_kl, or a fixed variance')
+          'hybrid, rescaled_mse, kl or rescaled_kl (or diffusion.rescale_learned_sigmas=True), or '
+          'a fixed variance')
   if learned != config.model.learn_sigma:
     _fail('model.learn_sigma', config.model.learn_sigma,
           f'must be {learned} for diffusion.var_type={d.var_type!r} (a learned variance needs 2C '
@@ -225,6 +234,13 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
 def _check_model(config: ml_collections.ConfigDict) -> None:
   """The U-Net can be built for data.image_size (DDPM Appendix B; iDDPM's heads and kernels)."""
   m, image_size = config.model, config.data.image_size
+  conventions = m.get('conventions', 'diffusion_tf')
+  if conventions not in layers.CONVENTIONS:
+    _fail('model.conventions', conventions, f'allowed: {layers.CONVENTIONS}')
+  num_classes = m.get('num_classes', 0)
+  if not _is_int(num_classes) or num_classes < 0:
+    _fail('model.num_classes', num_classes,
+          'expected an integer >= 0 (0: unconditional; else the number of class labels)')
   if m.ch % layers.NUM_GROUPS:
     _fail('model.ch', m.ch, f'must be a positive multiple of the {layers.NUM_GROUPS} GroupNorm groups')
   ch_mult = tuple(m.ch_mult) if isinstance(m.ch_mult, (tuple, list)) else None

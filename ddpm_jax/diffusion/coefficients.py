@@ -18,7 +18,8 @@ from ddpm_jax.diffusion import respace
 from ddpm_jax.diffusion._checks import _check_betas, _check_choice, _check_t
 from ddpm_jax.diffusion.schedules import one_minus_alphas_cumprod
 
-# The network seen by the diffusion: (x_t [B, H, W, C], timestep int32 [B]) -> output [B, H, W, C]
+# The network seen by the diffusion: (x_t [B, H, W, C], timestep [B]: int32, or float32 when
+# rescaled, see `model_output`) -> output [B, H, W, C]
 # (2C for learned variances). Parameters, dropout and mesh are bound by the caller.
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -55,6 +56,9 @@ class DiffusionCoefficients:
   var_type: str = flax.struct.field(pytree_node=False, default='fixed_large')
   loss_type: str = flax.struct.field(pytree_node=False, default='mse')
   hybrid_lambda: float = flax.struct.field(pytree_node=False, default=0.001)
+  # None: the network sees the int32 timestep_map[t] (DDPM). A float s: it sees the float32
+  # timestep_map[t] * s, improved-diffusion's rescale_timesteps with s = 1000 / T_original.
+  timestep_scale: float | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def _check_timestep_map(timestep_map: np.ndarray | None, num_timesteps: int) -> np.ndarray:
@@ -67,6 +71,15 @@ def _check_timestep_map(timestep_map: np.ndarray | None, num_timesteps: int) -> 
   if np.any(timestep_map < 0):
     raise ValueError(f'timestep_map must be >= 0, got min {timestep_map.min()}.')
   return timestep_map.astype(np.int32)
+
+
+def _check_timestep_scale(timestep_scale: float | None) -> float | None:
+  if timestep_scale is None:
+    return None
+  if (isinstance(timestep_scale, bool) or not isinstance(timestep_scale, (int, float, np.number))
+      or not np.isfinite(timestep_scale) or timestep_scale <= 0):
+    raise ValueError(f'timestep_scale must be None or a finite number > 0, got {timestep_scale!r}.')
+  return float(timestep_scale)
 
 
 def _check_dtype(dtype) -> np.dtype:
@@ -113,7 +126,8 @@ def _tables(betas: np.ndarray) -> dict[str, np.ndarray]:
 
 def make_coefficients(betas: np.ndarray, *, mean_type: str = 'eps', var_type: str = 'fixed_large',
                       loss_type: str = 'mse', hybrid_lambda: float = 0.001, dtype=jnp.float32,
-                      timestep_map: np.ndarray | None = None) -> DiffusionCoefficients:
+                      timestep_map: np.ndarray | None = None,
+                      timestep_scale: float | None = None) -> DiffusionCoefficients:
   """Precomputes the tables of DDPM eq. 4-7 (and iDDPM §2) for a beta schedule.
 
   Args:
@@ -127,10 +141,14 @@ def make_coefficients(betas: np.ndarray, *, mean_type: str = 'eps', var_type: st
       throughout.
     timestep_map: int array [T], the timestep the network is conditioned on at each index
       (respacing, iDDPM §4); defaults to arange(T).
+    timestep_scale: None (the network sees the int timestep_map[t], DDPM) or s > 0: it sees the
+      float32 timestep_map[t] * s. improved-diffusion's rescale_timesteps is s = 1000 / T with T the
+      length of the ORIGINAL schedule (its `_WrappedModel`), so the network always sees [0, 1000).
   Returns:
     The immutable DiffusionCoefficients pytree.
   Raises:
-    ValueError: on an unknown type name, betas outside (0, 1], a bad timestep_map, lambda or dtype.
+    ValueError: on an unknown type name, betas outside (0, 1], a bad timestep_map, lambda, scale or
+      dtype.
   """
   _check_choice('mean_type', mean_type, MEAN_TYPES)
   _check_choice('var_type', var_type, VAR_TYPES)
@@ -141,11 +159,12 @@ def make_coefficients(betas: np.ndarray, *, mean_type: str = 'eps', var_type: st
   betas = _check_betas(betas)
   dtype = _check_dtype(dtype)
   timestep_map = _check_timestep_map(timestep_map, betas.shape[0])
+  timestep_scale = _check_timestep_scale(timestep_scale)
   tables = {name: jnp.asarray(value, dtype=dtype) for name, value in _tables(betas).items()}
   return DiffusionCoefficients(
       **tables, timestep_map=jnp.asarray(timestep_map, dtype=jnp.int32),
       num_timesteps=int(betas.shape[0]), mean_type=mean_type, var_type=var_type,
-      loss_type=loss_type, hybrid_lambda=float(hybrid_lambda))
+      loss_type=loss_type, hybrid_lambda=float(hybrid_lambda), timestep_scale=timestep_scale)
 
 
 def respaced_coefficients(betas: np.ndarray, use_timesteps: Sequence[int],
@@ -159,7 +178,9 @@ def respaced_coefficients(betas: np.ndarray, use_timesteps: Sequence[int],
   Args:
     betas: the original float [T] schedule.
     use_timesteps: the 0-based indices to keep (e.g. from `space_timesteps`), any order.
-    **make_coefficients_kwargs: mean_type, var_type, loss_type, hybrid_lambda, dtype.
+    **make_coefficients_kwargs: mean_type, var_type, loss_type, hybrid_lambda, dtype,
+      timestep_scale (relative to the original T: pass 1000 / len(betas) for improved-diffusion's
+      rescale_timesteps).
   Returns:
     DiffusionCoefficients with num_timesteps = len(use_timesteps).
   """
@@ -194,8 +215,14 @@ def model_output(coefs: DiffusionCoefficients, model_fn: ModelFn, x_t: jax.Array
                  t: jax.Array) -> jax.Array:
   """The network's output at table indices t [B], in x_t's dtype (iDDPM §4).
 
-  The network is conditioned on the timestep of the original process, coefs.timestep_map[t]: the
-  index itself unless the tables are respaced. The cast keeps the chain or the loss in x_t's dtype
-  whatever dtype the network returns (the U-Net's head is float32, like x_t: a no-op there).
+  The one place the network is called, so training, sampling and the bound all condition it alike:
+  on the timestep of the original process, coefs.timestep_map[t] (the index itself unless the
+  tables are respaced), int32 by default; with coefs.timestep_scale = s, on the float32
+  timestep_map[t] * s (improved-diffusion's rescale_timesteps: its `_WrappedModel` maps, then
+  multiplies by 1000 / T_original). The cast keeps the chain or the loss in x_t's dtype whatever
+  dtype the network returns (the U-Net's head is float32, like x_t: a no-op there).
   """
-  return model_fn(x_t, coefs.timestep_map[t]).astype(x_t.dtype)
+  t_model = coefs.timestep_map[t]
+  if coefs.timestep_scale is not None:
+    t_model = t_model.astype(jnp.float32) * jnp.float32(coefs.timestep_scale)
+  return model_fn(x_t, t_model).astype(x_t.dtype)

@@ -44,7 +44,8 @@ def _vb_scale(coefs: DiffusionCoefficients) -> float:
 
 
 def training_losses(coefs: DiffusionCoefficients, model_fn: ModelFn, x_start: jax.Array,
-                    t: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
+                    t: jax.Array, key: jax.Array | None,
+                    noise: jax.Array | None = None) -> dict[str, jax.Array]:
   """Per-example training loss at timesteps t (DDPM Algorithm 1, §3.4; iDDPM §3.1).
 
   x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with eps drawn from `key`; then by coefs.loss_type:
@@ -58,25 +59,38 @@ def training_losses(coefs: DiffusionCoefficients, model_fn: ModelFn, x_start: ja
 
   Args:
     coefs: the diffusion tables (mean_type, var_type, loss_type, hybrid_lambda).
-    model_fn: (x_t [B, H, W, C], t_model int32 [B]) -> output [B, H, W, C] or [B, H, W, 2C] for
-      learned variances; t_model = coefs.timestep_map[t], the original timestep when respaced (see
-      `model_output`, which also casts the output to x_t's dtype).
+    model_fn: (x_t [B, H, W, C], t_model [B]) -> output [B, H, W, C] or [B, H, W, 2C] for
+      learned variances; t_model = coefs.timestep_map[t], the original timestep when respaced,
+      int32, or float32 times coefs.timestep_scale (see `model_output`, which also casts the output
+      to x_t's dtype).
     x_start: x_0, [B, H, W, C] in [-1, 1] (the 256-level grid, for the decoder term at t = 0).
     t: int [B] indices, from `sample_uniform` or the importance sampler.
     key: PRNG key for the noise: eps = jax.random.normal(key, x_start.shape, dtype), with dtype that
-      of the coefficients (so a caller can reproduce the exact eps of a step).
+      of the coefficients (so a caller can reproduce the exact eps of a step). Unused (may be None)
+      when `noise` is given.
+    noise: optional eps [B, H, W, C] to use instead of drawing it (improved-diffusion's
+      training_losses(..., noise=...)): reproduces another codebase's loss for the same draw. Cast to
+      the loss dtype.
   Returns:
     dict of [B] arrays in the coefficients' dtype: 'loss' always; 'mse' for the mse-type losses;
     'vb' (the unweighted bound term L_{t-1} in bits/dim) whenever the bound enters the loss.
   Raises:
     ValueError: for a loss_type / var_type pair that cannot train (e.g. 'mse' with a learned
-      variance).
+      variance), or noise of another shape than x_start.
   """
   _check_loss_compatible(coefs)
   if not jnp.issubdtype(x_start.dtype, jnp.floating):
     raise ValueError(f'x_start must be a float array in [-1, 1], got dtype {x_start.dtype}.')
   x_start = x_start.astype(jnp.promote_types(x_start.dtype, coefs.betas.dtype))
-  noise = jax.random.normal(key, x_start.shape, x_start.dtype)
+  if noise is None:
+    if key is None:
+      raise ValueError('training_losses needs a key to draw the noise, or the noise itself.')
+    noise = jax.random.normal(key, x_start.shape, x_start.dtype)
+  elif tuple(noise.shape) != tuple(x_start.shape):
+    raise ValueError(f'noise must have the shape of x_start {tuple(x_start.shape)}, got '
+                     f'{tuple(noise.shape)}')
+  else:
+    noise = jnp.asarray(noise).astype(x_start.dtype)
   x_t = q_sample(coefs, x_start, t, noise)
   output = model_output(coefs, model_fn, x_t, t)
 

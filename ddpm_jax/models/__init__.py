@@ -3,8 +3,16 @@
 `convert_tf` (TF checkpoints) is imported on its own: `from ddpm_jax.models import convert_tf`.
 """
 
-from ddpm_jax.models.unet import (ATTN_IMPLEMENTATIONS, DTYPES, MODEL_NAMES, UNet, count_params,
-                                  create_model, init_params, param_shapes)
+from ddpm_jax.models.unet import (
+    ATTN_IMPLEMENTATIONS,
+    DTYPES,
+    MODEL_NAMES,
+    UNet,
+    count_params,
+    create_model,
+    init_params,
+    param_shapes,
+)
 
 __all__ = ['ATTN_IMPLEMENTATIONS', 'DTYPES', 'MODEL_NAMES', 'UNet', 'count_params', 'create_model',
            'init_params', 'param_shapes']

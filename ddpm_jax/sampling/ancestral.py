@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ddpm_jax import diffusion
-from ddpm_jax.sampling.loop import sample_loop
+from ddpm_jax.sampling.loop import StepNoise, sample_loop
 
 
 def nonzero_mask(t: jax.Array, x: jax.Array) -> jax.Array:
@@ -45,19 +45,24 @@ def p_sample(coefs: diffusion.DiffusionCoefficients, model_fn: diffusion.ModelFn
 
 def p_sample_loop(coefs: diffusion.DiffusionCoefficients, model_fn: diffusion.ModelFn, keys: jax.Array,
                   shape: Sequence[int], *, clip_denoised: bool = True,
-                  noise: jax.Array | None = None) -> jax.Array:
+                  noise: jax.Array | None = None,
+                  step_noise: StepNoise | None = None) -> jax.Array:
   """DDPM Algorithm 2 over the K = coefs.num_timesteps steps of `coefs`, as one compiled loop.
 
   Args:
     coefs: diffusion tables (all T steps, or K respaced ones); their dtype is the chain's dtype.
     model_fn: (x_t, timestep int32 [B]) -> model output.
-    keys: typed keys [B], one per sample (see `sampling.loop`).
+    keys: typed keys [B], one per sample (see `sampling.loop`); None with noise and step_noise.
     shape: [B, H, W, C] of the samples.
     clip_denoised: clip x0_hat to [-1, 1] at every step.
     noise: optional x_T [B, H, W, C]; by default drawn from the keys.
+    step_noise: optional z of every step, [K, B, H, W, C] (row t: table index t) or a function
+      t -> [B, H, W, C], instead of the keys' streams (`sampling.loop`); with `noise` too, keys
+      may be None and the trajectory is exactly that of another implementation fed the same draws.
   Returns:
     x_0, [B, H, W, C]; in [-1, 1] when clip_denoised (the last step returns the clipped x0_hat).
   """
   def step(x, t, z):
     return p_sample(coefs, model_fn, x, t, z, clip_denoised=clip_denoised)
-  return sample_loop(step, keys, shape, coefs.num_timesteps, coefs.betas.dtype, noise=noise)[0]
+  return sample_loop(step, keys, shape, coefs.num_timesteps, coefs.betas.dtype, noise=noise,
+                     step_noise=step_noise)[0]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from ddpm_jax import diffusion
 from ddpm_jax.sampling.ancestral import nonzero_mask
-from ddpm_jax.sampling.loop import sample_loop
+from ddpm_jax.sampling.loop import StepNoise, sample_loop
 
 
 def ddim_sample(coefs: diffusion.DiffusionCoefficients, model_fn: diffusion.ModelFn, x_t: jax.Array,
@@ -50,11 +50,14 @@ def ddim_sample(coefs: diffusion.DiffusionCoefficients, model_fn: diffusion.Mode
 
 def ddim_sample_loop(coefs: diffusion.DiffusionCoefficients, model_fn: diffusion.ModelFn, keys: jax.Array,
                      shape: Sequence[int], *, eta: float = 0.0, clip_denoised: bool = True,
-                     noise: jax.Array | None = None) -> jax.Array:
+                     noise: jax.Array | None = None,
+                     step_noise: StepNoise | None = None) -> jax.Array:
   """DDIM over the K = coefs.num_timesteps steps of `coefs` (typically 'ddim50'), one compiled loop.
 
-  Args and return as `ancestral.p_sample_loop`; `eta` as `ddim_sample`.
+  Args and return as `ancestral.p_sample_loop` (x_T `noise` and per-step `step_noise` included);
+  `eta` as `ddim_sample`.
   """
   def step(x, t, z):
     return ddim_sample(coefs, model_fn, x, t, z, eta=eta, clip_denoised=clip_denoised)
-  return sample_loop(step, keys, shape, coefs.num_timesteps, coefs.betas.dtype, noise=noise)[0]
+  return sample_loop(step, keys, shape, coefs.num_timesteps, coefs.betas.dtype, noise=noise,
+                     step_noise=step_noise)[0]

@@ -4,6 +4,12 @@
 whose global indices are `indices`, each a function of (base_key, its index) only, so the result is
 the same for any batch size, device count or process count, and an interrupted run can regenerate
 exactly the samples it is missing.
+
+Class-conditional models (config.model.num_classes > 0, iDDPM's class_cond): the label reaches the
+network through the model_fn closure (`make_model_fn(..., labels)`), so `diffusion` and the loops
+stay label-agnostic. Unless given, the label of sample i is drawn from its own key,
+randint(fold_in(keys[i], LABEL_STREAM), num_classes) (`sample_labels`), so it too depends only on
+(base_key, i).
 """
 
 from __future__ import annotations
@@ -25,12 +31,35 @@ from ddpm_jax.streams import per_sample_keys
 
 # The reverse steps `make_step_fn` builds (config.sampling.method).
 METHODS = ('ancestral', 'ddim')
-SampleFn = Callable[[Any, jax.Array, Any], jax.Array]
+SampleFn = Callable[..., jax.Array]
+# The per-sample stream of a class label: far above the step streams 0 .. K - 1 and x_T's stream K.
+LABEL_STREAM = 2**31 - 1
 
 
-def make_model_fn(model: Any, params: Any) -> diffusion.ModelFn:
-  """model_fn(x_t [B, H, W, C], timestep int32 [B]) -> output, evaluation mode (no dropout)."""
-  return lambda x, t: model.apply({'params': params}, x, t, train=False)
+def make_model_fn(model: Any, params: Any, labels: jax.Array | None = None) -> diffusion.ModelFn:
+  """model_fn(x_t [B, H, W, C], timestep [B]) -> output, evaluation mode (no dropout).
+
+  `labels` int [B] (class-conditional models only) are bound here, so the diffusion code keeps
+  calling model_fn(x, t).
+  """
+  if labels is None:
+    return lambda x, t: model.apply({'params': params}, x, t, train=False)
+  return lambda x, t: model.apply({'params': params}, x, t, labels, train=False)
+
+
+def sample_labels(keys: jax.Array, num_classes: int) -> jax.Array:
+  """int32 [B]: label i = randint(fold_in(keys[i], LABEL_STREAM), [0, num_classes)), a function of
+  sample i's own key (so of (base_key, i)) alone, whatever the batch."""
+  draw = lambda key: jax.random.randint(jax.random.fold_in(key, LABEL_STREAM), (), 0, num_classes,
+                                        jnp.int32)
+  return jax.vmap(draw)(keys)
+
+
+def labels_for_indices(base_key: jax.Array, indices: Any, num_classes: int) -> np.ndarray:
+  """int32 [B] on the host: the labels `make_sample_fn` draws for global sample `indices` (stored
+  with the samples)."""
+  indices = jnp.asarray(np.asarray(indices, np.int32))
+  return np.asarray(jax.device_get(sample_labels(per_sample_keys(base_key, indices), num_classes)))
 
 
 def make_step_fn(coefs: diffusion.DiffusionCoefficients, model_fn: diffusion.ModelFn, *, method: str,
@@ -87,7 +116,8 @@ def _place_indices(indices: Any, mesh: Mesh) -> jax.Array:
 
 
 def make_sample_fn(config: ml_collections.ConfigDict, model: Any, mesh: Mesh) -> SampleFn:
-  """Builds `sample_fn(params, base_key, indices) -> samples`, compiled once per batch size.
+  """Builds `sample_fn(params, base_key, indices[, labels]) -> samples`, compiled once per batch
+  size.
 
   The sampler follows config.sampling: `method` ('ancestral' | 'ddim'), `timestep_respacing`
   ('' = all T steps), `ddim_eta`, `clip_denoised`.
@@ -96,14 +126,19 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: Any, mesh: Mesh) ->
     sample_fn: params (the U-Net's, replicated on `mesh`), base_key (typed key, replicated),
       indices (int [B], B divisible by the device count; numpy, or a jax.Array) ->
       samples float32 [B, H, W, C] in [-1, 1], sharded over the mesh's `data` axis. Sample i is
-      drawn with key fold_in(base_key, indices[i]).
+      drawn with key fold_in(base_key, indices[i]). When config.model.num_classes > 0, labels
+      (int [B], optional, like indices) are the classes to draw; by default sample i's label is
+      `sample_labels` of its key (`labels_for_indices` gives the same labels on the host).
   """
   coefs = sampling_coefficients(config)
   shape = image_shape(config)
+  num_classes = int(config.model.get('num_classes', 0))
 
-  def sample(params, base_key, indices):
+  def sample(params, base_key, indices, labels=None):
     keys = per_sample_keys(base_key, indices)
-    step = step_fn_from_config(config, coefs, make_model_fn(model, params))
+    if num_classes > 0 and labels is None:
+      labels = sample_labels(keys, num_classes)
+    step = step_fn_from_config(config, coefs, make_model_fn(model, params, labels))
     x0, _ = sample_loop(step, keys, (keys.shape[0],) + shape, coefs.num_timesteps,
                         coefs.betas.dtype)
     # Unclipped samplers can overshoot slightly; images are [-1, 1] by contract.
@@ -111,9 +146,20 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: Any, mesh: Mesh) ->
 
   replicated, sharded = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
   compiled = jax.jit(sample, in_shardings=(replicated, replicated, sharded), out_shardings=sharded)
+  if num_classes > 0:
+    compiled_labels = jax.jit(sample, in_shardings=(replicated, replicated, sharded, sharded),
+                              out_shardings=sharded)
 
-  def sample_fn(params: Any, base_key: jax.Array, indices: Any) -> jax.Array:
+  def sample_fn(params: Any, base_key: jax.Array, indices: Any, labels: Any = None) -> jax.Array:
     _check_indices(indices, mesh)
-    return compiled(params, base_key, _place_indices(indices, mesh))
+    if labels is None:
+      return compiled(params, base_key, _place_indices(indices, mesh))
+    if num_classes == 0:
+      raise ValueError('labels were given, but config.model.num_classes=0 (unconditional model)')
+    if np.shape(labels) != np.shape(indices):
+      raise ValueError(f'labels must match indices, shape {list(np.shape(indices))}; got '
+                       f'{list(np.shape(labels))}')
+    return compiled_labels(params, base_key, _place_indices(indices, mesh),
+                           _place_indices(labels, mesh))
 
   return sample_fn
