@@ -48,6 +48,11 @@ _SUPPORTED_MODES = _GREY_8BIT_MODES + _COLOUR_8BIT_MODES + _GREY_16BIT_MODES
 _MAX_DECODE_THREADS = 8
 
 
+def _split_root(folder: str, split: str | None) -> str:
+  split_dir = os.path.join(folder, split) if split else None
+  return split_dir if split_dir and os.path.isdir(split_dir) else folder
+
+
 def list_image_files(folder: str, split: str | None = None) -> list[str]:
   """Sorted paths of the image files under `folder` (or `folder/split` where that is a directory).
 
@@ -56,8 +61,7 @@ def list_image_files(folder: str, split: str | None = None) -> list[str]:
   """
   if not os.path.isdir(folder):
     raise ValueError(f'data.image_folder: {folder!r} is not a directory')
-  split_dir = os.path.join(folder, split) if split else None
-  root = split_dir if split_dir and os.path.isdir(split_dir) else folder
+  root = _split_root(folder, split)
   paths = sorted(
       os.path.join(dirpath, name)
       for dirpath, _, names in os.walk(root)
@@ -133,6 +137,27 @@ def load_image(path: str, image_size: int, num_channels: int) -> np.ndarray:
   if side != image_size:
     image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
   return np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, num_channels)
+
+
+def class_labels(folder: str, split: str | None, limit: int | None = None) -> np.ndarray:
+  """int32 [N]: the class of each of the first `limit` files (order of `list_image_files`).
+
+  A class is a sub-folder of folder/split (or of folder): the sorted sub-folder names are the
+  class ids 0, 1, ... (the ImageNet layout, as torchvision's ImageFolder and iDDPM's class_cond).
+
+  Raises:
+    ValueError: an image lies directly in the root, outside every class folder.
+  """
+  root = _split_root(folder, split)
+  paths = list_image_files(folder, split)
+  classes = [os.path.relpath(p, root).split(os.sep) for p in paths]
+  loose = [p for p, parts in zip(paths, classes) if len(parts) < 2]
+  if loose:
+    raise ValueError(f'data.image_folder: class labels need one sub-folder per class under '
+                     f'{root!r}, but {loose[0]!r} is not in one')
+  names = sorted({parts[0] for parts in classes})
+  ids = {name: i for i, name in enumerate(names)}
+  return np.asarray([ids[parts[0]] for parts in classes], np.int32)[:limit]
 
 
 def load_image_folder(folder: str, split: str | None, image_size: int, num_channels: int,

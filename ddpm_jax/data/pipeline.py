@@ -17,6 +17,11 @@ concatenation of epoch permutations (numpy Generator seeded by (seed, epoch)), b
 batch does not depend on the process count. Each batch costs one uint8 gather and one float
 conversion (microseconds next to a train step, so no prefetch thread is needed).
 
+Class labels (config.model.num_classes > 0 only, iDDPM's class_cond): then `next(it)` is a pair
+(images, int32 labels [local_batch]), the labels of the same examples (digits' digit, a tfds set's
+'label' feature, an image folder's class sub-folder); with num_classes = 0 nothing about the
+iterator changes.
+
 Streaming sources (celeb_a_hq, lsun, other tfds sets by default) go through tf.data
 (`tfds_source.streaming_dataset`); the stream position lives in the tf.data iterator, saved with
 tf.train.Checkpoint. Exact resumption therefore needs `restore_state`; an iterator created with
@@ -29,11 +34,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
-from absl import logging
 import ml_collections
 import numpy as np
+from absl import logging
 
 from ddpm_jax.data import image_folder, preprocess, sources, tfds_source
 from ddpm_jax.data.digits import load_digits_split
@@ -114,11 +120,19 @@ class InMemoryIterator:
   """Batches of a uint8 array held in memory; batch s is a pure function of (seed, s)."""
 
   def __init__(self, images: np.ndarray, *, global_batch: int, seed: int, random_flip: bool,
-               start_step: int = 0, process_index: int = 0, process_count: int = 1):
-    """images: uint8 [N, H, W, C], N >= 1, the whole split (every process holds all of it)."""
+               start_step: int = 0, process_index: int = 0, process_count: int = 1,
+               labels: np.ndarray | None = None):
+    """images: uint8 [N, H, W, C], N >= 1, the whole split (every process holds all of it).
+
+    labels: optional int [N] class labels; then each batch is (images, int32 labels).
+    """
     if images.dtype != np.uint8 or images.ndim != 4 or not len(images):
       raise ValueError(f'images: expected a non-empty uint8 [N, H, W, C] array, got '
                        f'{images.dtype} {images.shape}')
+    if labels is not None and np.shape(labels) != (len(images),):
+      raise ValueError(f'labels: expected one per image, shape ({len(images)},), got '
+                       f'{np.shape(labels)}')
+    self._labels = None if labels is None else np.asarray(labels, np.int32)
     local_batch = sources.local_batch_size(global_batch, process_count)
     _check_process(process_index, process_count)
     self._images = images
@@ -127,19 +141,23 @@ class InMemoryIterator:
     self._process_index = process_index
     self.step = start_step
 
-  def batch_at(self, step: int) -> np.ndarray:
-    """This process's float32 [local_batch, H, W, C] in [-1, 1] of global batch `step`."""
+  def batch_at(self, step: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """This process's float32 [local_batch, H, W, C] in [-1, 1] of global batch `step` (and its
+    int32 labels [local_batch] when the iterator has labels)."""
     positions = step * self._global_batch + np.arange(self._rows.start, self._rows.stop)
-    batch = self._images[example_indices(positions, len(self._images), self._seed)]
+    indices = example_indices(positions, len(self._images), self._seed)
+    batch = self._images[indices]
     if self._random_flip:
       flips = flip_mask(self._seed, step, self._global_batch)[self._rows]
       preprocess.flip_horizontally(batch, flips)
+    if self._labels is not None:
+      return preprocess.to_model_range(batch), self._labels[indices]
     return preprocess.to_model_range(batch)
 
   def __iter__(self) -> InMemoryIterator:
     return self
 
-  def __next__(self) -> np.ndarray:
+  def __next__(self) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     batch = self.batch_at(self.step)
     self.step += 1
     return batch
@@ -204,6 +222,8 @@ class StreamingIterator:
       raise ValueError('data.train_split: this process\'s share of the split holds fewer examples '
                        'than one local batch') from None
     self.step += 1
+    if isinstance(batch, tuple):  # (images, labels): class-conditional
+      return preprocess.to_model_range(batch[0].numpy()), batch[1].numpy()
     return preprocess.to_model_range(batch.numpy())
 
   def _checkpoint(self):
@@ -235,6 +255,28 @@ def _load_uint8(config: ml_collections.ConfigDict, source: sources.Source, split
   return tfds_source.load_split_uint8(source, data, split, limit)
 
 
+def _load_labels(config: ml_collections.ConfigDict, source: sources.Source, split: str,
+                 limit: int | None) -> np.ndarray:
+  """int32 [N] class labels of the examples `_load_uint8` returns, checked against num_classes."""
+  data = config.data
+  if source.kind == sources.DIGITS:
+    labels = load_digits_split(split)[1][:limit].copy()
+  elif source.kind == sources.IMAGE_FOLDER:
+    labels = image_folder.class_labels(data.image_folder, split, limit)
+  else:
+    labels = tfds_source.load_split_labels(source, data, split, limit)
+  num_classes = config.model.num_classes
+  if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f'model.num_classes={num_classes} is too small: data.dataset='
+                     f'{data.dataset!r} split {split!r} has labels in [{labels.min()}, '
+                     f'{labels.max()}]')
+  return labels
+
+
+def _class_conditional(config: ml_collections.ConfigDict) -> bool:
+  return config.model.get('num_classes', 0) > 0
+
+
 def create_train_iterator(config: ml_collections.ConfigDict, *, seed: int, start_step: int = 0,
                           process_index: int = 0, process_count: int = 1) -> TrainIterator:
   """This process's iterator of float32 [batch_size // process_count, S, S, C] batches in [-1, 1].
@@ -242,26 +284,32 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, seed: int, start
   seed: non-negative int (usually config.seed); start_step: the first training step it serves.
   See the module docstring for the determinism and save/restore contract. config.data is checked
   once, by `ddpm_jax.config.validate_config` (config.seed too); numpy refuses a negative seed.
+  With config.model.num_classes > 0 it yields (images, int32 labels) pairs.
   """
+  with_labels = _class_conditional(config)
   source = sources.resolve_source(config)
   local_batch = sources.local_batch_size(config.training.batch_size, process_count)
   _check_process(process_index, process_count)
   if source.in_memory:
     images = _load_uint8(config, source, config.data.train_split, None)
+    labels = _load_labels(config, source, config.data.train_split, None) if with_labels else None
     logging.info('Training data %r/%s: %d images %s held in memory.', config.data.dataset,
                  config.data.train_split, len(images), images.shape[1:])
     return InMemoryIterator(images, global_batch=config.training.batch_size, seed=seed,
                             random_flip=config.data.random_flip, start_step=start_step,
-                            process_index=process_index, process_count=process_count)
+                            process_index=process_index, process_count=process_count,
+                            labels=labels)
   # Prepared now, so that a missing dataset fails at start-up rather than at the first batch.
   builder = tfds_source.prepared_builder(source.tfds_name, config.data.data_dir)
   make_dataset = functools.partial(tfds_source.streaming_dataset, builder, source, config.data,
                                    local_batch=local_batch, process_index=process_index,
-                                   process_count=process_count)
+                                   process_count=process_count, with_labels=with_labels)
   data = config.data
   settings = {'dataset': data.dataset, 'split': data.train_split, 'local_batch': local_batch,
               'image_size': data.image_size, 'num_channels': data.num_channels,
               'random_flip': data.random_flip, 'process_count': process_count}
+  if with_labels:  # only then: an unconditional run's saved state keeps its settings
+    settings['labels'] = True
   return StreamingIterator(lambda stream_seed: make_dataset(seed=stream_seed), seed=seed,
                            start_step=start_step, process_index=process_index, settings=settings)
 
@@ -276,3 +324,11 @@ def load_eval_images(config: ml_collections.ConfigDict, split: str,
   if not isinstance(num_examples, (int, np.integer)) or num_examples < 1:
     raise ValueError(f'num_examples: got {num_examples!r}, expected a positive integer')
   return _load_uint8(config, sources.resolve_source(config), split, int(num_examples))
+
+
+def load_eval_labels(config: ml_collections.ConfigDict, split: str, num_examples: int) -> np.ndarray:
+  """int32 [N]: the class labels of `load_eval_images(config, split, num_examples)`, same order
+  (class-conditional models, config.model.num_classes > 0)."""
+  if not isinstance(num_examples, (int, np.integer)) or num_examples < 1:
+    raise ValueError(f'num_examples: got {num_examples!r}, expected a positive integer')
+  return _load_labels(config, sources.resolve_source(config), split, int(num_examples))

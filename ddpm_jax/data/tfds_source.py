@@ -16,10 +16,11 @@ import functools
 import os
 import re
 import types
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from ddpm_jax.data.sources import Source
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
   from tensorflow_datasets.core import DatasetBuilder
 
 IMAGE_KEY = 'image'
+LABEL_KEY = 'label'  # the class label of tfds's supervised image sets (cifar10, mnist, imagenet...)
 _LOAD_BATCH = 1024
 _MESSAGE_CHARS = 400
 
@@ -159,9 +161,16 @@ def prepared_builder(name: str, data_dir: str | None,
   return builder
 
 
-def _encoded_images(builder: DatasetBuilder, split: str,
-                    shuffle_seed: int | None = None) -> tf_types.data.Dataset:
-  """The split's encoded image bytes (string scalars), in file order unless shuffle_seed is set."""
+def _check_labelled(builder: DatasetBuilder) -> None:
+  if LABEL_KEY not in builder.info.features:
+    raise ValueError(f'tfds dataset {builder.name!r} has no {LABEL_KEY!r} feature: a '
+                     'class-conditional model (model.num_classes > 0) needs labelled data')
+
+
+def _encoded_images(builder: DatasetBuilder, split: str, shuffle_seed: int | None = None,
+                    with_labels: bool = False) -> tf_types.data.Dataset:
+  """The split's encoded image bytes (string scalars), in file order unless shuffle_seed is set;
+  (bytes, int64 label) pairs when with_labels."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   # No autocache: a cached dataset would put the whole split into every iterator checkpoint.
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
@@ -171,6 +180,9 @@ def _encoded_images(builder: DatasetBuilder, split: str,
                             read_config=read_config)
   except (KeyError, ValueError) as e:
     raise ValueError(f'data split {split!r} of tfds dataset {builder.name!r}: {_short(e)}') from e
+  if with_labels:
+    _check_labelled(builder)
+    return ds.map(lambda example: (example[IMAGE_KEY], example[LABEL_KEY]))
   return ds.map(lambda example: example[IMAGE_KEY])
 
 
@@ -240,9 +252,29 @@ def load_split_uint8(source: Source, data: ml_collections.ConfigDict, split: str
   return np.concatenate(batches)
 
 
+def load_split_labels(source: Source, data: ml_collections.ConfigDict, split: str,
+                      limit: int | None = None) -> np.ndarray:
+  """int32 [N]: the class labels of the examples `load_split_uint8` returns (same order)."""
+  builder = prepared_builder(source.tfds_name, data.data_dir)
+  _check_labelled(builder)
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          read_config=_tfds().ReadConfig(try_autocache=False),
+                          decoders={IMAGE_KEY: _tfds().decode.SkipDecoding()})
+  ds = ds.map(lambda example: example[LABEL_KEY])
+  if limit is not None:
+    ds = ds.take(limit)
+  return np.fromiter(ds.as_numpy_iterator(), dtype=np.int64).astype(np.int32)
+
+
+def _tfds() -> types.ModuleType:
+  tf_cpu_only()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
+
 def streaming_dataset(builder: DatasetBuilder, source: Source, data: ml_collections.ConfigDict, *,
                       local_batch: int, seed: int, process_index: int,
-                      process_count: int) -> tf_types.data.Dataset:
+                      process_count: int, with_labels: bool = False) -> tf_types.data.Dataset:
   """This process's endless stream of uint8 batches [local_batch, S, S, C] of data.train_split.
 
   builder: from prepared_builder(source.tfds_name, data.data_dir).
@@ -251,6 +283,7 @@ def streaming_dataset(builder: DatasetBuilder, source: Source, data: ml_collecti
   (files and a data.shuffle_buffer buffer, reshuffled every epoch), repeats, decodes, fits, flips
   (data.random_flip; a stateless coin per stream position, so a restored iterator flips the same
   way), batches and prefetches. Everything in it can be saved by tf.train.Checkpoint.
+  with_labels: batches are (images, int32 labels [local_batch]) pairs (class-conditional models).
   """
   tf = tf_cpu_only()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -258,6 +291,12 @@ def streaming_dataset(builder: DatasetBuilder, source: Source, data: ml_collecti
   fit = _fit_fn(builder, source, data.image_size, data.num_channels)
 
   def fit_and_flip(position, encoded):
+    if with_labels:  # (bytes, label): the label passes through untouched by fitting and flips
+      encoded, label = encoded
+      return fit_and_flip_image(position, encoded), tf.cast(label, tf.int32)
+    return fit_and_flip_image(position, encoded)
+
+  def fit_and_flip_image(position, encoded):
     image = fit(encoded)
     if not data.random_flip:
       return image
@@ -267,7 +306,7 @@ def streaming_dataset(builder: DatasetBuilder, source: Source, data: ml_collecti
     flip = tf.random.stateless_uniform([], seed=key) < 0.5
     return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
 
-  ds = _encoded_images(builder, split, shuffle_seed=seed)
+  ds = _encoded_images(builder, split, shuffle_seed=seed, with_labels=with_labels)
   ds = ds.shuffle(data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   ds = ds.repeat().enumerate()
   ds = ds.map(fit_and_flip, num_parallel_calls=tf.data.AUTOTUNE)
