@@ -153,7 +153,8 @@ def missing_shards(directory: str, num_shards: int) -> list[int]:
 
 
 def fill_sample_shards(directory: str, meta: dict[str, Any], num_samples: int,
-                       generate: Callable[[int, int], np.ndarray], *, is_writer: bool,
+                       generate: Callable[[int, int], np.ndarray | dict[str, np.ndarray]], *,
+                       is_writer: bool,
                        broadcast: Callable[[np.ndarray], np.ndarray] = lambda x: x,
                        log: Callable[..., None] = lambda *args: None) -> None:
   """Writes the missing shards of the first `num_samples` samples of a sample directory.
@@ -162,8 +163,10 @@ def fill_sample_shards(directory: str, meta: dict[str, Any], num_samples: int,
     directory: the sample directory (created; its samples_meta.json must agree with `meta`).
     meta: the settings the samples depend on (SAMPLE_META_FIELDS, samples_per_shard among them).
     num_samples: how many samples the directory must hold from index 0.
-    generate: (start, stop) -> uint8 [stop - start, H, W, C], the samples of those global indices.
-      Every process calls it (it may be a collective); only the writer writes.
+    generate: (start, stop) -> uint8 [stop - start, H, W, C], the samples of those global indices,
+      or a dict of per-sample arrays with those samples as 'images' (and e.g. 'labels' of a
+      class-conditional model), each stored in the shard under its name. Every process calls it
+      (it may be a collective); only the writer writes.
     is_writer: whether this process writes files.
     broadcast: makes the writer's list of missing shards every process's (several hosts).
     log: a logging function (format, *args).
@@ -177,9 +180,11 @@ def fill_sample_shards(directory: str, meta: dict[str, Any], num_samples: int,
   missing = np.asarray(broadcast(missing))
   for k in np.flatnonzero(missing):
     start, stop = ranges[k]
-    images = generate(start, stop)
+    extra = generate(start, stop)
+    images = extra.pop('images') if isinstance(extra, dict) else extra
     if is_writer:
-      savez(shard_path(directory, k), images=images, indices=np.arange(start, stop))
+      savez(shard_path(directory, k), images=images, indices=np.arange(start, stop),
+            **(extra if isinstance(extra, dict) else {}))
     log('Wrote sample shard %d/%d (samples %d-%d).', k + 1, len(ranges), start, stop - 1)
 
 
