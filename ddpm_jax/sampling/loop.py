@@ -43,7 +43,10 @@ def prior_noise(keys: jax.Array, num_steps: int, shape: Sequence[int],
   return per_sample_normal(keys, num_steps, shape, dtype)
 
 
-def _check_keys(keys: jax.Array, batch: int) -> None:
+def _check_keys(keys: jax.Array | None, batch: int) -> None:
+  if keys is None:
+    raise ValueError(f'keys must be a typed key array of shape [B] = ({batch},), one key per '
+                     'sample, unless the noise of every step is given (step_noise); got None')
   if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) or keys.shape != (batch,):
     raise ValueError(f'keys must be a typed key array of shape [B] = ({batch},), one key per '
                      'sample (e.g. per_sample_keys(jax.random.key(seed), indices)); got dtype '
