@@ -9,6 +9,7 @@ weights it holds in memory.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Callable
 
 import jax
@@ -16,7 +17,7 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from ddpm_jax import parallel
+from ddpm_jax import parallel, workdir as workdir_lib
 from ddpm_jax.config import validate_config
 from ddpm_jax.data import tfds_source
 from ddpm_jax.jobs import evaluate, interpolate, progressive, sample, train
@@ -53,7 +54,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
     results = evaluate.evaluate(config, workdir, mesh, params=params, step=step)
     if parallel.is_writer():
       print('Final evaluation:', json.dumps(results, indent=1, default=str), flush=True)
+      print('\n'.join(final_summary(config, workdir, results, step)), flush=True)
   return state
+
+
+def final_summary(config: ml_collections.ConfigDict, workdir: str, results: dict[str, Any],
+                  step: int) -> list[str]:
+  """One line per artefact or number of the final evaluation, saying where it is or what it means."""
+  lines = []
+  grid = workdir_lib.grid_path(workdir, step)
+  if os.path.exists(grid):
+    lines.append(f'Samples: {grid} ({config.training.num_grid_samples} EMA samples after step {step})')
+  if 'digits_fid' in results:
+    r = results['digits_fid']
+    lines.append(f'digits Fréchet distance {r["frechet_distance"]:.4f} of {r["num_samples"]} samples '
+                 f'(lower is better; the real-data floor is {r["floor_frechet_distance"]:.4f})')
+    lines.append(f'classifier IS {r["classifier_is"]:.2f} (higher is better, at most 10; the held-out '
+                 f'digits score {r["test_classifier_is"]:.2f})')
+  if 'fid' in results:
+    r = results['fid']
+    lines.append(f'FID {r["fid"]:.2f} of {r["num_samples"]} samples (lower is better; the papers\' '
+                 'numbers use 50,000)')
+    lines.append(f'Inception Score {r["inception_score"]:.2f} (higher is better)')
+  if 'bpd' in results:
+    r = results['bpd']
+    for split in (config.data.eval_split, config.data.train_split):
+      if f'{split}_bpd' in r:
+        lines.append(f'{split} bits/dim {r[f"{split}_bpd"]:.3f} (the variational bound on the negative '
+                     f'log-likelihood of {r[f"{split}_num_examples"]} images; lower is better)')
+  if 'rate_distortion' in results:
+    lines.append(f'Rate-distortion curve: {results["rate_distortion"]["png"]}')
+  lines.append(f'All metrics: {os.path.join(workdir_lib.eval_dir(workdir), workdir_lib.METRICS_FILE)}')
+  return lines
 
 
 JOBS: dict[str, Job] = {

@@ -134,7 +134,9 @@ def eval_samples(ctx: EvalContext, num_samples: int) -> np.ndarray:
   try:
     return workdir_lib.load_samples(directory, num_samples)
   except ValueError:
-    logging.info('Fewer than %d samples in %s: sampling them first.', num_samples, directory)
+    logging.info('Fewer than %d samples in %s: sampling them first (%s sampler, timestep_respacing=%r, '
+                 '%d per shard; each shard is logged when written).', num_samples, directory,
+                 c.sampling.method, c.sampling.timestep_respacing, c.sampling.samples_per_shard)
   sample_fn = sampling.make_sample_fn(c, models.create_model(c), ctx.mesh)
   key = stream_key(c, SAMPLE_STREAM)
   workdir_lib.fill_sample_shards(
@@ -214,10 +216,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, *, par
   path = os.path.join(ctx.eval_dir, workdir_lib.METRICS_FILE)
   metrics = _load_metrics(path, step)
   metrics['checkpoint_step'] = step
-  for name in config.eval.metrics:
+  for i, name in enumerate(config.eval.metrics, 1):
     if name in metrics:
       logging.info('Metric %r is already in %s: skipped.', name, path)
       continue
+    logging.info('Evaluating metric %d/%d: %s (checkpoint step %d) ...', i, len(config.eval.metrics), name,
+                 step)
     metrics[name] = _jsonable(METRICS[name](ctx))
     logging.info('%s: %s', name, metrics[name])
     if parallel.is_writer():
