@@ -21,8 +21,8 @@ LAYERS = {
     'libraries': ['ddpm_jax.data', 'ddpm_jax.models', 'ddpm_jax.sampling', 'ddpm_jax.evaluation',
                   'ddpm_jax.train', 'ddpm_jax.checkpoints', 'ddpm_jax.workdir', 'ddpm_jax.config'],
     'jobs': ['ddpm_jax.jobs'],
-    # Command lines: `python main.py`, `python -m ddpm_jax.convert_tf_checkpoint`.
-    'entry': ['main', 'ddpm_jax.convert_tf_checkpoint'],
+    # Command lines: `python main.py`, `python -m ddpm_jax.convert_tf_checkpoint` (and _torch_).
+    'entry': ['main', 'ddpm_jax.convert_tf_checkpoint', 'ddpm_jax.convert_torch_checkpoint'],
 }
 JOBS_PACKAGE = 'ddpm_jax.jobs'  # its __init__ is the dispatch table: it alone may import the job modules
 CONFIG_MODULE = 'ddpm_jax.config'  # validates the whole tree: it may import libraries, not the reverse

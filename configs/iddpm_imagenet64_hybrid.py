@@ -1,0 +1,16 @@
+"""improved-diffusion's unconditional ImageNet-64, L_hybrid, cosine (`imagenet64_uncond_100M_1500K.pt`).
+
+README flags: --image_size 64 --num_channels 128 --num_res_blocks 3 --learn_sigma True
+--diffusion_steps 4000 --noise_schedule cosine --lr 1e-4 --batch_size 128.
+Data: tfds `imagenet_resized/64x64` (Chrabaszcz et al.'s downsampled ImageNet, as in the paper).
+"""
+
+from configs import _iddpm
+
+
+def get_config():
+  return _iddpm.from_flags(
+      dataset='imagenet_resized/64x64', num_train_steps=1_500_000,
+      image_size=64, num_channels=128, num_res_blocks=3, learn_sigma=True,
+      diffusion_steps=4000, noise_schedule='cosine',
+      lr=1e-4, batch_size=128)
