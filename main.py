@@ -77,8 +77,23 @@ def main(argv):
   else:
     _TF_STARTUP.replay()
   config = FLAGS.config
-  mesh = jobs.setup(config)
-  jobs.JOBS[FLAGS.mode](config, FLAGS.workdir, mesh)
+  try:
+    mesh = jobs.setup(config)
+    with jobs.locked(FLAGS.workdir, FLAGS.mode):
+      jobs.JOBS[FLAGS.mode](config, FLAGS.workdir, mesh)
+  except jobs.ERRORS as e:
+    # One clear line (what, which path, what to do) instead of a traceback; the jobs have closed
+    # their checkpoint managers, so no background thread prints after it.
+    logging.debug('Traceback of the error below:', exc_info=True)
+    print(f'error: {_one_line(e)}\n(--verbosity=1 shows the traceback)', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _one_line(e: BaseException) -> str:
+  """The message of `e`, with the type for a bare library exception (e.g. a raw OSError)."""
+  message = str(e) or type(e).__name__
+  return message if e.__class__.__module__.startswith('ddpm_jax') or isinstance(e, ValueError) \
+      else f'{type(e).__name__}: {message}'
 
 
 if __name__ == '__main__':

@@ -9,17 +9,25 @@ weights and the data position are committed together and an interrupted save nev
 good checkpoint; `training.keep_checkpoints` prunes old steps, data positions included. Restoring
 into a different config is an error that lists every field that differs. Inference restores only
 `params` and `ema_params` (about a third of what a training restore reads).
+
+A step that exists but does not restore completely (a file deleted or truncated, an empty data
+position) is damaged: restoring falls back to the newest step that restores, says which step it
+skipped and why, and (for training) renames the damaged one to `<step>.damaged-<UTC time>`, which
+orbax does not take for a step, so that it is kept for inspection and out of the way of later saves
+and of `keep_checkpoints`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
@@ -33,6 +41,8 @@ COMPATIBILITY_FIELDS = ('model', 'diffusion', 'data.image_size', 'data.num_chann
 # (e.g. train in float32, sample in bfloat16 with cuDNN attention).
 RUNTIME_FIELDS = frozenset({'model.dtype', 'model.attn_implementation'})
 STATE, DATA, META = 'state', 'data', 'meta'
+# The meta item's record of the whole config the step was saved with (not checked: only reported).
+CONFIG_KEY = 'config'
 INFERENCE_FIELDS = ('params', 'ema_params')
 
 
@@ -98,6 +108,7 @@ def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
 
 def check_compatible(saved: dict[str, Any], config: ml_collections.ConfigDict, path: str) -> None:
   """Raises ValueError listing every field where `config` differs from the checkpoint's."""
+  saved = {k: v for k, v in saved.items() if k != CONFIG_KEY}
   current, saved = _flatten(compatibility_meta(config)), _flatten(_lists(saved))
   diffs = [f'{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}'
            for k in sorted((set(current) | set(saved)) - RUNTIME_FIELDS)
@@ -105,6 +116,52 @@ def check_compatible(saved: dict[str, Any], config: ml_collections.ConfigDict, p
   if diffs:
     raise ValueError(f'checkpoint {path} was written with a different config; use another --workdir or '
                      'restore the original config. Differences:\n  ' + '\n  '.join(diffs))
+
+
+def _config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The whole config as JSON (what <workdir>/config.json holds), for the meta item."""
+  return json.loads(config.to_json_best_effort())
+
+
+def changes_state_structure(field: str, saved: Any, current: Any) -> bool:
+  """Whether changing `field` from `saved` to `current` changes the train state's pytree, so that a
+  checkpoint cannot be restored into it: a COMPATIBILITY_FIELDS field, or optim.grad_clip between 0
+  and > 0 (clip_by_global_norm is chained into the optimizer only when it is > 0)."""
+  if field in RUNTIME_FIELDS:
+    return False
+  if any(field == f or field.startswith(f + '.') for f in COMPATIBILITY_FIELDS):
+    return True
+  if field == 'optim.grad_clip':
+    return (float(saved or 0) > 0) != (float(current or 0) > 0)
+  return False
+
+
+def config_differences(saved_config: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+  """One line per field where `config` differs from `saved_config` (a config record), saying whether
+  the field changes the train state's structure or may change between runs."""
+  saved, current = _flatten(_lists(saved_config)), _flatten(_lists(_config_record(config)))
+  lines = []
+  for k in sorted(set(saved) | set(current)):
+    if saved.get(k) != current.get(k):
+      kind = ('changes the structure of the train state: set it back'
+              if changes_state_structure(k, saved.get(k), current.get(k)) else 'may change between runs')
+      lines.append(f'{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r} ({kind})')
+  return lines
+
+
+def _saved_config(meta: dict[str, Any], checkpoint_dir: str) -> dict[str, Any] | None:
+  """The config a step was saved with: its meta record, or (older checkpoints) <workdir>/config.json,
+  which a training run writes only once its checkpoint is known to fit."""
+  if CONFIG_KEY in meta:
+    return meta[CONFIG_KEY]
+  try:
+    return workdir_lib.read_json(workdir_lib.config_path(os.path.dirname(checkpoint_dir)))
+  except (OSError, ValueError):
+    return None
+
+
+class DamagedCheckpointError(ValueError):
+  """No checkpoint step of a workdir restores completely."""
 
 
 # --- managers, save, restore -----------------------------------------------------------------------
@@ -129,42 +186,105 @@ def save(manager: ocp.CheckpointManager, state: TrainState, config: ml_collectio
          data_iterator: Any = None) -> None:
   """Saves `state` (and the data iterator's position) at the state's step, blocking until committed."""
   step = int(jax.device_get(state.step))
-  items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(compatibility_meta(config))}
+  meta = dict(compatibility_meta(config), **{CONFIG_KEY: _config_record(config)})
+  items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
   if data_iterator is not None and hasattr(data_iterator, 'save_state'):
     items[DATA] = DataIteratorSave(data_iterator)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
   manager.wait_until_finished()
 
 
-def _checked_latest(manager: ocp.CheckpointManager, config: ml_collections.ConfigDict) -> int | None:
-  """The latest step, after checking its meta against `config`; None if there is none."""
-  step = manager.latest_step()
-  if step is None:
+def _step_path(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(manager.directory), str(step))
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The meta item of `step`; DamagedCheckpointError if it cannot be read."""
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+  except Exception as e:  # orbax / tensorstore raise many types for missing or damaged files
+    raise DamagedCheckpointError(f'its meta item cannot be read ({_reason(e)})') from e
+
+
+def _reason(e: BaseException) -> str:
+  # TensorStore appends a spec of several kilobytes to "Encountered error while reading array index".
+  text = ' '.join(str(e).split()).split(' See full TensorStore details')[0]
+  return f'{type(e).__name__}: {text[:300]}{"..." if len(text) > 300 else ""}'
+
+
+def _restore_newest(manager: ocp.CheckpointManager, config: ml_collections.ConfigDict,
+                    restore_step: Any, *, set_aside: bool) -> tuple[Any, int] | None:
+  """(restore_step(step, meta), step) of the newest step that restores completely; None if none.
+
+  Steps that fail to restore are skipped with a warning naming them and the reason; once an older
+  step restored, the skipped (damaged) ones are renamed `<step>.damaged-<time>` when `set_aside`
+  (process 0 only). A step written with an incompatible config is an error, not damage.
+
+  Raises:
+    ValueError: the newest readable step does not fit `config` (every differing field is named).
+    DamagedCheckpointError: steps exist but none restores; lists each step and why.
+  """
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    path = _step_path(manager, step)
+    try:
+      meta = _read_meta(manager, step)
+    except DamagedCheckpointError as e:
+      failures.append((step, path, str(e)))
+      logging.warning('Checkpoint %s is damaged: %s. Trying the previous step.', path, e)
+      continue
+    check_compatible(meta, config, path)
+    saved_config = _saved_config(meta, str(manager.directory))
+    diffs = config_differences(saved_config, config) if saved_config is not None else []
+    if any('changes the structure' in d for d in diffs):
+      raise ValueError(f'checkpoint {path} cannot be restored with this config: fields that change the '
+                       'structure of the train state differ from the config it was saved with; set '
+                       'them back or use another --workdir. Differences:\n  ' + '\n  '.join(diffs))
+    try:
+      restored = restore_step(step, meta)
+    except Exception as e:  # pylint: disable=broad-except  (any failure to read the step's files)
+      failures.append((step, path, _reason(e)))
+      logging.warning('Checkpoint %s does not restore: %s. Trying the previous step.', path, _reason(e))
+      continue
+    for bad_step, bad_path, reason in failures:
+      if set_aside and parallel.is_writer():
+        aside = workdir_lib.set_aside(bad_path)
+        logging.warning('Skipped the damaged checkpoint step %d (%s); kept it as %s for inspection.',
+                        bad_step, reason, aside)
+      else:
+        logging.warning('Skipped the damaged checkpoint step %d (%s) at %s.', bad_step, reason, bad_path)
+    if failures:
+      manager.reload()
+      logging.warning('Using the checkpoint at step %d instead.', step)
+    return restored, step
+  if not failures:
     return None
-  meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
-  check_compatible(meta, config, os.path.join(str(manager.directory), str(step)))
-  return step
+  lines = [f'step {step} ({path}): {reason}' for step, path, reason in failures]
+  raise DamagedCheckpointError(
+      f'no checkpoint in {manager.directory} restores completely; move the damaged steps aside (or '
+      'use another --workdir) to start from scratch. Steps tried:\n  ' + '\n  '.join(lines))
 
 
 def restore_for_training(manager: ocp.CheckpointManager, config: ml_collections.ConfigDict, mesh: Mesh,
                          data_iterator: Any = None) -> TrainState | None:
-  """The latest checkpoint's whole state on `mesh` (None if there is none); checks the config first.
+  """The newest checkpoint's whole state on `mesh` (None if there is none); checks the config first.
 
-  `data_iterator`, if given, is moved to the saved position when the checkpoint holds one.
+  `data_iterator`, if given, is moved to the saved position when the checkpoint holds one. A step
+  that does not restore completely (weights, optimizer state or data position) is set aside as
+  `<step>.damaged-<time>` and the previous one is used (see `_restore_newest`).
   """
-  step = _checked_latest(manager, config)
-  if step is None:
-    return None
-  path = os.path.join(str(manager.directory), str(step))
-  items = {STATE: ocp.args.StandardRestore(abstract_train_state(config, mesh))}
-  if (data_iterator is not None and hasattr(data_iterator, 'restore_state')
-      and os.path.isdir(os.path.join(path, DATA))):
-    items[DATA] = DataIteratorRestore(data_iterator)
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'checkpoint {path} does not match the train state of this config: {e}') from e
-  return restored[STATE]
+  target = abstract_train_state(config, mesh)
+
+  def restore_step(step: int, meta: dict[str, Any]) -> TrainState:
+    del meta
+    items = {STATE: ocp.args.StandardRestore(target)}
+    if (data_iterator is not None and hasattr(data_iterator, 'restore_state')
+        and os.path.isdir(os.path.join(_step_path(manager, step), DATA))):
+      items[DATA] = DataIteratorRestore(data_iterator)
+    return manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+
+  found = _restore_newest(manager, config, restore_step, set_aside=True)
+  return None if found is None else found[0]
 
 
 def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
@@ -174,20 +294,23 @@ def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
   Reads neither the optimizer moments nor the data position. A clear error if there is no checkpoint.
   """
   manager = create_manager(workdir, keep=config.training.keep_checkpoints, for_inference=True)
-  step = _checked_latest(manager, config)
-  if step is None:
+  state = abstract_train_state(config, mesh)
+  target = {name: getattr(state, name) for name in INFERENCE_FIELDS}
+
+  def restore_step(step: int, meta: dict[str, Any]) -> Any:
+    del meta
+    return manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)}))[STATE]
+
+  # Damaged steps are skipped, not set aside: only a training run (the writer of checkpoints) moves them.
+  found = _restore_newest(manager, config, restore_step, set_aside=False)
+  manager.close()
+  if found is None:
     raise FileNotFoundError(f'no checkpoint in {workdir_lib.checkpoint_dir(workdir)}: train first '
                             '(--mode=train) or convert an official one (python -m '
                             'ddpm_jax.convert_tf_checkpoint)')
-  state = abstract_train_state(config, mesh)
-  target = {name: getattr(state, name) for name in INFERENCE_FIELDS}
-  path = os.path.join(str(manager.directory), str(step))
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)}))[STATE]
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'checkpoint {path} does not match the network of this config: {e}') from e
+  restored, step = found
   return restored['params'], restored['ema_params'], step
 
 

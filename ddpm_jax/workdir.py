@@ -20,13 +20,21 @@ sample i depends only on (seed, i), a rerun regenerates exactly the shards that 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
+import fcntl
 import json
 import os
+import socket
 import tempfile
+import time
+import zipfile
+import zlib
 from typing import IO, Any, Callable, Iterator
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 CONFIG_FILE = 'config.json'
 CHECKPOINTS = 'checkpoints'
@@ -36,6 +44,7 @@ METRICS_FILE = 'metrics.json'
 SAMPLES_META_FILE = 'samples_meta.json'
 SAMPLES_GRID_FILE = 'samples_grid.png'
 PROGRESSIVE = 'progressive'
+LOCK_FILE = '.lock'
 INTERPOLATION = 'interpolation'
 # Fields that make two sample sets different; num_samples is not one (a rerun may ask for more).
 SAMPLE_META_FIELDS = ('seed', 'method', 'timestep_respacing', 'ddim_eta', 'clip_denoised', 'use_ema',
@@ -78,9 +87,138 @@ def savez(path: str, **arrays: Any) -> str:
   return path
 
 
-def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used (not creatable, not writable, or in use by another run)."""
+
+
+class WorkdirLocked(WorkdirError):
+  """Another live process holds the workdir's lock."""
+
+
+class DamagedFileError(ValueError):
+  """A file exists but cannot be read; the message names it and says what to do."""
+
+
+# What numpy / zipfile / json raise on a truncated or otherwise damaged file (not on a missing one).
+_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def read_json(path: str, remedy: str = 'delete it or restore it from a backup') -> Any:
+  """The JSON in `path`; DamagedFileError naming the file and `remedy` if it cannot be parsed."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise
+  except _READ_ERRORS as e:
+    raise DamagedFileError(f'{path} cannot be read ({type(e).__name__}: {e}); {remedy}') from e
+
+
+def read_npz(path: str, remedy: str = 'delete it or restore it from a backup') -> dict[str, np.ndarray]:
+  """Every array of the .npz `path` (no pickles), read fully so that damage shows here and now.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    DamagedFileError: it exists but is not a complete .npz; the message names it and `remedy`.
+  """
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  except FileNotFoundError:
+    raise
+  except _READ_ERRORS as e:
+    raise DamagedFileError(f'{path} cannot be read ({type(e).__name__}: {e}); {remedy}') from e
+
+
+def _utc_stamp() -> str:
+  return datetime.datetime.now(datetime.UTC).strftime('%Y%m%dT%H%M%SZ')
+
+
+def set_aside(path: str) -> str:
+  """Renames a damaged file or directory to `<path>.damaged-<UTC time>` (kept for inspection, out of
+  the way of every reader and writer); returns the new path."""
+  aside = f'{path}.damaged-{_utc_stamp()}'
+  while os.path.exists(aside):  # two in one second
+    aside += '_'
+  os.replace(path, aside)
+  return aside
+
+
+def read_cached_npz(path: str, what: str, set_aside_damaged: bool = True) -> dict[str, np.ndarray] | None:
+  """A cache file's arrays; None when it is absent, or damaged: then a warning names it (`what` says
+  which cache) and, if `set_aside_damaged`, it is renamed out of the way, so the caller recomputes it."""
+  if not os.path.exists(path):
+    return None
+  try:
+    return read_npz(path)
+  except DamagedFileError as e:
+    if set_aside_damaged:
+      with contextlib.suppress(FileNotFoundError):  # another process was first
+        logging.warning('%s: %s. Moved it to %s; recomputing it.', what, e, set_aside(path))
+    else:
+      logging.warning('%s: %s. Recomputing it.', what, e)
+    return None
+
+
+# --- the workdir: usable, and one writer at a time ------------------------------------------------
+
+def ensure_writable(workdir: str, flag: str = '--workdir') -> str:
+  """Creates `workdir` and checks that files can be created in it, before any expensive work.
+
+  Raises:
+    WorkdirError: naming `flag`, the path and the reason (a file in its place, no permission, ...).
+  """
+  path = os.path.abspath(workdir)
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=path, prefix='.write_test.')
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    reason = e.strerror or str(e)
+    if isinstance(e, FileExistsError) or (os.path.exists(path) and not os.path.isdir(path)):
+      reason = 'a file (not a directory) is in its place'
+    elif e.errno == errno.ENOTDIR:
+      reason = 'a file (not a directory) is in the place of one of its parent directories'
+    raise WorkdirError(f'{flag}={workdir} cannot be used: {path}: {reason}; '
+                       f'choose another {flag} or fix the location') from e
+  return path
+
+
+@contextlib.contextmanager
+def lock(workdir: str, job: str = '') -> Iterator[str]:
+  """Holds an exclusive lock on `workdir` while the block runs (one writing job per workdir).
+
+  The lock is a `flock` on <workdir>/.lock, which the kernel releases when its process exits, however
+  it exits: a lock left by a killed run is never stale. The file records the holder (host, pid, start
+  time, job) for the refusal message only; it is left in place.
+
+  Raises:
+    WorkdirError: the workdir cannot be created or written (see `ensure_writable`).
+    WorkdirLocked: another process holds the lock; the message names it.
+  """
+  path = os.path.join(ensure_writable(workdir), LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        raise
+      holder = os.pread(fd, 4096, 0).decode(errors='replace').strip() or 'another process'
+      with contextlib.suppress(ValueError):
+        h = json.loads(holder)
+        holder = (f"{h.get('job') or 'a job'} (host {h.get('host')}, pid {h.get('pid')}, "
+                  f"started {h.get('started')})")
+      raise WorkdirLocked(f'--workdir={workdir} is in use by {holder}; wait for it to '
+                          'finish (or stop it), or choose another --workdir') from None
+    info = {'host': socket.gethostname(), 'pid': os.getpid(), 'job': job,
+            'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    yield path
+  finally:
+    os.close(fd)  # releases the flock
 
 
 # --- the layout ------------------------------------------------------------------------------------
@@ -147,9 +285,37 @@ def check_sample_meta(directory: str, meta: dict[str, Any]) -> None:
                      + '\n  '.join(diffs))
 
 
-def missing_shards(directory: str, num_shards: int) -> list[int]:
-  """The shards of 0 .. num_shards - 1 that are not on disk."""
-  return [k for k in range(num_shards) if not os.path.exists(shard_path(directory, k))]
+_SHARD_REMEDY = ('rerun --mode=sample (or --mode=eval) on this directory: a shard that cannot be read '
+                 'is set aside and regenerated, identically, since sample i depends only on (seed, i)')
+
+
+def read_shard(directory: str, shard: int) -> dict[str, np.ndarray]:
+  """The arrays (images, indices) of one shard; DamagedFileError (naming it) if it cannot be read."""
+  return read_npz(shard_path(directory, shard), _SHARD_REMEDY)
+
+
+def missing_shards(directory: str, num_shards: int, ranges: list[tuple[int, int]] | None = None,
+                   set_aside_damaged: bool = False) -> list[int]:
+  """The shards of 0 .. num_shards - 1 that are not on disk, or (given their `ranges`) that cannot be
+  read or do not hold exactly their samples; `set_aside_damaged` renames those with a warning."""
+  missing = []
+  for k in range(num_shards):
+    path = shard_path(directory, k)
+    if not os.path.exists(path):
+      missing.append(k)
+      continue
+    if ranges is None:
+      continue
+    try:
+      indices = read_shard(directory, k).get('indices')
+      if indices is None or not np.array_equal(indices, np.arange(*ranges[k])):
+        raise DamagedFileError(f'{path} does not hold samples {ranges[k][0]}-{ranges[k][1] - 1}')
+    except DamagedFileError as e:
+      missing.append(k)
+      if set_aside_damaged:
+        logging.warning('%s. Moved it to %s; regenerating it (sample i depends only on (seed, i), so '
+                        'the new shard is what the old one held).', e, set_aside(path))
+  return missing
 
 
 def fill_sample_shards(directory: str, meta: dict[str, Any], num_samples: int,
@@ -176,7 +342,8 @@ def fill_sample_shards(directory: str, meta: dict[str, Any], num_samples: int,
     write_json(os.path.join(directory, SAMPLES_META_FILE), meta)
   ranges = shard_ranges(num_samples, meta['samples_per_shard'])
   missing = np.zeros(len(ranges), bool)
-  missing[missing_shards(directory, len(ranges))] = True
+  if is_writer:  # only the writer reads (and sets aside damaged shards); the others get its list
+    missing[missing_shards(directory, len(ranges), ranges, set_aside_damaged=True)] = True
   missing = np.asarray(broadcast(missing))
   for k in np.flatnonzero(missing):
     start, stop = ranges[k]
@@ -193,14 +360,15 @@ def load_samples(directory: str, num_samples: int) -> np.ndarray:
 
   Raises:
     ValueError: fewer consecutive samples from index 0 are on disk, or the shards are inconsistent.
+    DamagedFileError (a ValueError): a shard cannot be read (`fill_sample_shards` regenerates it).
   """
   out, have, shard = [], 0, 0
   while have < num_samples and os.path.exists(shard_path(directory, shard)):
-    with np.load(shard_path(directory, shard)) as f:
-      if int(f['indices'][0]) != have:
-        raise ValueError(f'{shard_path(directory, shard)} starts at sample {int(f["indices"][0])}, '
-                         f'expected {have}: the directory is not one consistent sample set')
-      out.append(f['images'])
+    f = read_shard(directory, shard)
+    if int(f['indices'][0]) != have:
+      raise ValueError(f'{shard_path(directory, shard)} starts at sample {int(f["indices"][0])}, '
+                       f'expected {have}: the directory is not one consistent sample set')
+    out.append(f['images'])
     have += len(out[-1])
     shard += 1
   if have < num_samples:

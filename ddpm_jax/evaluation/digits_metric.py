@@ -94,11 +94,12 @@ def train_digits_classifier(seed: int = SEED) -> DigitsClassifier:
 def load_or_train_digits_classifier(cache_dir: str) -> DigitsClassifier:
   """The classifier cached at <cache_dir>/digits_classifier.npz; trained and saved if absent."""
   path = os.path.join(cache_dir, CLASSIFIER_FILE)
-  if not os.path.exists(path):
+  # A damaged cache is set aside with a warning and retrained (the training is deterministic).
+  arrays = workdir.read_cached_npz(path, 'the digits classifier cache')
+  if arrays is None:
     # Atomic: a concurrent or interrupted run never sees half a file.
     workdir.savez(path, **train_digits_classifier()._asdict())
-  with np.load(path, allow_pickle=False) as data:
-    arrays = {k: data[k] for k in data.files}
+    arrays = workdir.read_npz(path)
   for key, shape in _SHAPES.items():
     if key not in arrays or arrays[key].shape != shape:
       found = arrays[key].shape if key in arrays else 'missing'

@@ -160,11 +160,11 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
 
 def load_stats(path: str) -> Stats:
   """Reads (mu [D], sigma [D, D]) float64 from a .npz with arrays `mu` and `sigma`."""
-  with np.load(path, allow_pickle=False) as data:
-    if 'mu' not in data.files or 'sigma' not in data.files:
-      raise ValueError(f'reference statistics {path!r}: has arrays {data.files}, '
-                       'expected mu, sigma')
-    mu, sigma = data['mu'].astype(np.float64), data['sigma'].astype(np.float64)
+  data = workdir.read_npz(path, 'replace it with a complete copy (a cached one is recomputed)')
+  if 'mu' not in data or 'sigma' not in data:
+    raise ValueError(f'reference statistics {path!r}: has arrays {sorted(data)}, '
+                     'expected mu, sigma')
+  mu, sigma = data['mu'].astype(np.float64), data['sigma'].astype(np.float64)
   if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
     raise ValueError(f'reference statistics {path!r}: mu {mu.shape}, sigma {sigma.shape}; '
                      'expected [D] and [D, D]')
@@ -172,9 +172,16 @@ def load_stats(path: str) -> Stats:
 
 
 def load_or_compute_reference_stats(path: str, compute_fn: Callable[[], Stats]) -> Stats:
-  """Loads (mu, sigma) from `path`, or computes them once with `compute_fn()` and saves them."""
+  """Loads (mu, sigma) from `path`, or computes them once with `compute_fn()` and saves them.
+
+  A damaged cache file is set aside (`<path>.damaged-<time>`) with a warning and recomputed.
+  """
   if os.path.exists(path):
-    return load_stats(path)
+    try:
+      return load_stats(path)
+    except workdir.DamagedFileError as e:
+      warnings.warn(f'{e}. Moved it to {workdir.set_aside(path)}; recomputing the reference statistics.',
+                    stacklevel=2)
   mu, sigma = compute_fn()
   save_stats(path, mu, sigma)
   return load_stats(path)

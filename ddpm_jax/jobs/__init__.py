@@ -8,9 +8,10 @@ weights it holds in memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
@@ -47,6 +48,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Me
   """The training job, then (config.training.final_eval, once every step is done) the evaluation job
   on the weights still in memory (EMA unless config.sampling.use_ema is off); prints the final
   metrics. Returns the train state."""
+  if config.training.final_eval:
+    evaluate.check_inputs(config)  # a missing input of the final evaluation fails before training
   state = train.train(config, workdir, mesh, **train_kwargs)
   step = int(jax.device_get(state.step))
   if config.training.final_eval and step == config.training.num_train_steps:
@@ -97,8 +100,29 @@ JOBS: dict[str, Job] = {
 }
 
 
+# Every job writes into the workdir (checkpoints, samples, eval/, strips): one at a time per workdir.
+ERRORS = (ValueError, OSError, RuntimeError, FloatingPointError)  # what a job reports as one message
+
+
+@contextlib.contextmanager
+def locked(workdir: str, mode: str = '') -> Iterator[None]:
+  """Creates `workdir`, checks that it is writable and holds its lock while the block runs.
+
+  Only process 0 takes the lock (the other hosts write nothing but their data positions, inside
+  checkpoints process 0 commits). Raises workdir.WorkdirError / WorkdirLocked (naming the path, the
+  reason, or the holder: host, pid, start time) before any expensive work.
+  """
+  if not parallel.is_writer():
+    yield
+    return
+  with workdir_lib.lock(workdir, job=f'--mode={mode}' if mode else ''):
+    yield
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """`setup` then `JOBS[mode]`: what `main.py` does, for notebooks and tests."""
+  """`setup`, the workdir's lock, then `JOBS[mode]`: what `main.py` does, for notebooks and tests."""
   if mode not in JOBS:
     raise ValueError(f'--mode={mode!r} is invalid: allowed: {sorted(JOBS)}')
-  return JOBS[mode](config, workdir, setup(config))
+  mesh = setup(config)
+  with locked(workdir, mode):
+    return JOBS[mode](config, workdir, mesh)

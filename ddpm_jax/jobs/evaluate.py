@@ -55,10 +55,10 @@ class EvalContext:
 def split_terms(ctx: EvalContext, split: str, num_examples: int) -> dict[str, Any]:
   """`dataset_bpd` means of the first num_examples images of `split`, cached on disk."""
   path = os.path.join(ctx.eval_dir, f'terms_{split}.npz')
-  if os.path.exists(path):
-    with np.load(path) as f:
-      cached = {k: f[k] for k in f.files}
-    if int(cached['requested']) == num_examples and int(cached['checkpoint_step']) == ctx.step:
+  # A damaged cache is recomputed, like a stale one (process 0 sets it aside).
+  cached = workdir_lib.read_cached_npz(path, f'bound terms of split {split!r}',
+                                       set_aside_damaged=parallel.is_writer())
+  if cached is not None and _cache_fits(cached, num_examples, ctx.step):
       logging.info('Reusing the bound terms of split %r from %s.', split, path)
       return _terms_from_npz(cached)
   config = ctx.config
@@ -71,6 +71,12 @@ def split_terms(ctx: EvalContext, split: str, num_examples: int) -> dict[str, An
   if parallel.is_writer():
     workdir_lib.savez(path, requested=num_examples, checkpoint_step=ctx.step, **terms)
   return terms
+
+
+def _cache_fits(cached: dict[str, np.ndarray], num_examples: int, step: int) -> bool:
+  keys = {'requested', 'checkpoint_step', 'num_examples', *bpd_lib.SCALAR_TERMS, *bpd_lib.PER_T_TERMS}
+  return (keys <= set(cached) and int(cached['requested']) == num_examples
+          and int(cached['checkpoint_step']) == step)
 
 
 def _terms_from_npz(cached: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -185,7 +191,12 @@ def _load_metrics(path: str, step: int) -> dict[str, Any]:
   """The saved metrics of this checkpoint step; those of another step are stale and dropped."""
   if not os.path.exists(path):
     return {}
-  saved = workdir_lib.read_json(path)
+  try:
+    saved = workdir_lib.read_json(path)
+  except workdir_lib.DamagedFileError as e:
+    if parallel.is_writer():
+      logging.warning('%s. Moved it to %s; recomputing the metrics.', e, workdir_lib.set_aside(path))
+    return {}
   if saved.get('checkpoint_step') != step:
     logging.info('%s belongs to checkpoint step %s, not %d: recomputing.', path,
                  saved.get('checkpoint_step'), step)
@@ -201,6 +212,20 @@ def _jsonable(tree: Any) -> Any:
   return tree
 
 
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """Fails now, not after hours of sampling, on a file config.eval.metrics will need and is missing.
+
+  Raises:
+    FileNotFoundError: naming the config field, the path and what to do.
+  """
+  weights = config.eval.inception_weights
+  if 'fid' in config.eval.metrics and weights and not os.path.isfile(weights):
+    raise FileNotFoundError(
+        f'config.eval.inception_weights={weights!r} does not exist (needed by the fid metric of '
+        'config.eval.metrics); point it at classify_image_graph_def.pb, inception-2015-12-05.tgz or '
+        'a converted .npz, leave it unset to download the public file, or drop fid from the metrics')
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, *, params: Any = None,
              step: int | None = None) -> dict[str, Any]:
   """Runs config.eval.metrics; returns the merged metrics (also <workdir>/eval/metrics.json).
@@ -209,6 +234,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, *, par
   (EMA weights when config.sampling.use_ema). The dict maps each metric name to its results, plus
   'checkpoint_step'.
   """
+  check_inputs(config)
   if params is None:
     params, step = checkpoints.restore_sampling_params(workdir, config, mesh)
   ctx = EvalContext(config=config, workdir=workdir, eval_dir=workdir_lib.eval_dir(workdir), mesh=mesh,

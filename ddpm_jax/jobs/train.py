@@ -102,16 +102,34 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
   """
   manager = checkpoints.create_manager(workdir, keep=config.training.keep_checkpoints)
   start_step = manager.latest_step() or 0
-  if data_iterator is None:
+  try:
+    return _train(config, workdir, mesh, manager, start_step, data_iterator)
+  finally:
+    # Also on an error: orbax's background threads stop here, not in the interpreter's shutdown
+    # (where they would print tracebacks after the error message).
+    manager.close()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager: Any, start_step: int,
+           data_iterator: Iterator[np.ndarray] | None) -> TrainState:
+  own_iterator = data_iterator is None
+  if own_iterator:
     data_iterator = data.create_train_iterator(
         config, seed=config.seed, start_step=start_step, process_index=jax.process_index(),
         process_count=jax.process_count())
   state = _initial_state(config, manager, mesh, data_iterator)
+  restored_step = int(jax.device_get(state.step))
+  if own_iterator and restored_step != start_step and getattr(data_iterator, 'step', None) != restored_step:
+    # The newest step was damaged and an older one without a data position was restored: the
+    # batches are functions of (seed, step), so an iterator built at the restored step is exact.
+    data_iterator = data.create_train_iterator(
+        config, seed=config.seed, start_step=restored_step, process_index=jax.process_index(),
+        process_count=jax.process_count())
   # Only now, with the checkpoint known to fit this config, is the config recorded.
   if parallel.is_writer():
     with workdir_lib.atomic_write(workdir_lib.config_path(workdir), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-  start_step, num_steps = int(jax.device_get(state.step)), config.training.num_train_steps
+  start_step, num_steps = restored_step, config.training.num_train_steps
 
   model = models.create_model(config)
   train_step = jit_train_step(model, diffusion.coefficients_from_config(config.diffusion), mesh)
