@@ -23,6 +23,7 @@ def _run(script: str, args: list[str], out: str, env: dict[str, str] | None = No
          ) -> tuple[dict[str, Any], str]:
   full_env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   full_env.pop('XLA_FLAGS', None)
+  full_env.pop('JAX_COMPILATION_CACHE_DIR', None)  # the scripts time compilation: no cache hits
   full_env.update(env or {})
   env = {k: v for k, v in full_env.items() if v}  # an empty value removes the variable
   proc = subprocess.run([sys.executable, os.path.join('bench', script), *TINY, *args, f'--out={out}'],
