@@ -1,18 +1,21 @@
 """The Flax FID InceptionV3: architecture, TF-equivalent ops, and the GraphDef / .npz converters.
 
-No test uses the real weights: the converter runs on a synthetic GraphDef in the published format.
+No test uses the real weights: the converter, the TF-graph backend and the self-check run on a
+synthetic GraphDef in the published format (tests/inception_graph.py), runnable by TensorFlow.
 """
 
 import copy
 import os
 import tarfile
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow.core.framework import graph_pb2, types_pb2
 
+import inception_graph
 from ddpm_jax.evaluation import inception as inc
+from ddpm_jax.evaluation import inception_tf
 
 
 def _names(prefix, suffixes):
@@ -159,50 +162,9 @@ def _distinct_random_tree(seed):
   return {p: rng.uniform(0.5, 1.5, s).astype(np.float32) for p, s in inc.variable_shapes().items()}
 
 
-def _add_node(graph_def, name, op, inputs=(), **attrs):
-  node = graph_def.node.add()
-  node.name, node.op = name, op
-  node.input.extend(inputs)
-  for key, value in attrs.items():
-    if isinstance(value, bool):
-      node.attr[key].b = value
-    elif isinstance(value, float):
-      node.attr[key].f = value
-    elif isinstance(value, bytes):
-      node.attr[key].s = value
-    elif isinstance(value, list):
-      node.attr[key].list.i.extend(value)
-    else:
-      node.attr[key].tensor.CopyFrom(tf.make_tensor_proto(value))
-  return node
-
-
 def _synthetic_graph_def(flat, scale_after_normalization=False):
   """A GraphDef with the published graph's node names, ops and attributes holding `flat`."""
-  graph_def = graph_pb2.GraphDef()
-  _add_node(graph_def, 'ExpandDims', 'Placeholder')
-  _add_node(graph_def, 'ResizeBilinear/size', 'Const', value=np.array([299, 299], np.int32))
-  _add_node(graph_def, 'ResizeBilinear', 'ResizeBilinear', ['ExpandDims', 'ResizeBilinear/size'],
-            align_corners=False)
-  _add_node(graph_def, 'Sub/y', 'Const', value=np.float32(128.0))
-  _add_node(graph_def, 'Mul/y', 'Const', value=np.float32(1 / 128))
-  for path, value in flat.items():
-    node = _add_node(graph_def, inc.tf_const_name(path), 'Const', value=value)
-    node.attr['dtype'].type = types_pb2.DT_FLOAT
-  for scope, layer in inc.graph_layers().items():
-    strides = [1, layer.strides, layer.strides, 1]
-    padding = layer.padding.encode()
-    if layer.kind == 'pool':
-      op = {'max': 'MaxPool', 'avg': 'AvgPool'}[layer.pool_kind]
-      _add_node(graph_def, scope, op, ['x'], ksize=[1, 3, 3, 1], strides=strides, padding=padding)
-      continue
-    _add_node(graph_def, f'{scope}/Conv2D', 'Conv2D', ['x', f'{scope}/conv2d_params'],
-              strides=strides, padding=padding)
-    _add_node(graph_def, f'{scope}/batchnorm', 'BatchNormWithGlobalNormalization',
-              [f'{scope}/Conv2D'] + [f'{scope}/batchnorm/{n}' for n in
-                                     ('moving_mean', 'moving_variance', 'beta', 'gamma')],
-              variance_epsilon=1e-3, scale_after_normalization=scale_after_normalization)
-  return graph_def
+  return inception_graph.build_graph_def(flat, scale_after_normalization)
 
 
 def _write(graph_def, path):
@@ -339,3 +301,85 @@ def test_archive_download_and_conversion_cache(synthetic, tmp_path, monkeypatch)
 def test_failed_download_says_what_to_do(tmp_path):
   with pytest.raises(RuntimeError, match='config.eval.inception_weights'):
     inc.load_inception_variables(None, str(tmp_path), url=(tmp_path / 'nothing.tgz').as_uri())
+
+
+# ----------------------------------------------------------------------------- TF graph vs the port
+
+@pytest.fixture(scope='module')
+def runnable(tmp_path_factory):
+  """(graph .pb path, converted variables) of a runnable synthetic graph with O(1) activations."""
+  path = inception_graph.write_graph_def(
+      inception_graph.build_graph_def(inception_graph.random_flat(seed=11)),
+      tmp_path_factory.mktemp('graph') / inc.GRAPH_DEF_NAME)
+  return path, inc.convert_graph_def(path)
+
+
+def test_tf_graph_backend_reads_pool_3_and_logits_for_any_batch(runnable):
+  path, _ = runnable
+  images = inc.self_check_images()[0][:3]
+  graph = inception_tf.TFGraphInception(path)
+  pool, logits = graph(images)
+  assert pool.shape == (3, 2048) and logits.shape == (3, 1008)
+  assert np.std(pool) > 1e-3
+  single_pool, single_logits = graph(images[1:2])  # the graph's own reshape allows batch 1 only
+  np.testing.assert_allclose(single_pool, pool[1:2], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(single_logits, logits[1:2], rtol=1e-5, atol=1e-5)
+  grey_pool, _ = graph(images[:, :, :, :1])
+  rgb_pool, _ = graph(np.repeat(images[:, :, :, :1], 3, axis=-1))
+  np.testing.assert_array_equal(grey_pool, rgb_pool)
+  graph.close()
+
+
+def test_port_matches_the_graph_on_the_self_check_images(runnable):
+  path, variables = runnable
+  report = inc.compare_with_graph(variables, path)
+  assert report['passed'] and report['num_images'] == 16
+  assert report['image_sizes'] == [[32, 32], [256, 256]]
+  for name in ('pool_3', 'logits'):
+    assert report[name]['max_rel_diff'] < inc.SELF_CHECK_TOLERANCE / 10
+
+
+# Port errors that keep every shape (and so pass the converter's checks): the self-check must see
+# each of them. They are injected through the port's switches, after the conversion.
+PORT_FAULTS = {
+    'swapped_branches': ('join', lambda branches: jnp.concatenate(
+        [branches[1], branches[0], *branches[2:]], axis=-1)),
+    'max_pool_where_the_graph_averages': ('E_BLOCK_POOLS', ('max', 'max')),
+    'average_pool_counting_padding': ('AVG_POOL_COUNTS_PADDING', True),
+    'half_pixel_resize': ('TF1_LEGACY_RESIZE', False),
+}
+
+
+@pytest.mark.parametrize('fault', sorted(PORT_FAULTS))
+def test_self_check_catches_a_wrong_port(runnable, tmp_path, monkeypatch, fault):
+  path, variables = runnable
+  name, value = PORT_FAULTS[fault]
+  monkeypatch.setattr(inc, name, value)
+  record = tmp_path / 'record.json'
+  with pytest.raises(inc.PortMismatchError, match="largest difference.*inception_backend='tf_graph'"):
+    inc.check_port(variables, path, str(record))
+  assert not record.exists()
+
+
+def test_checked_variables_are_verified_once_per_file(runnable, tmp_path, monkeypatch):
+  path, variables = runnable
+  cache = str(tmp_path / 'cache')
+  got, provenance = inc.load_checked_variables(path, cache)
+  assert provenance['weights_sha256'] == inc.sha256_of(path)
+  assert provenance['self_check']['passed']
+  records = [f for f in os.listdir(cache) if f.endswith('.selfcheck.json')]
+  assert records == [f'inception_fid_{provenance["weights_sha256"][:16]}.selfcheck.json']
+
+  def must_not_run(*args, **kwargs):
+    raise AssertionError('self-check run again for a file already checked')
+
+  monkeypatch.setattr(inc, 'compare_with_graph', must_not_run)
+  _, again = inc.load_checked_variables(path, cache)
+  assert again['self_check'] == provenance['self_check']
+  _, skipped = inc.load_checked_variables(path, str(tmp_path / 'other'), self_check=False)
+  assert skipped['self_check'] == 'skipped'
+  npz = str(tmp_path / 'port.npz')
+  inc.save_inception_variables(got, npz)
+  with pytest.raises(ValueError, match='inception_self_check=False'):
+    inc.load_checked_variables(npz, cache)
+  assert inc.load_checked_variables(npz, cache, self_check=False)[1]['self_check'] == 'skipped'

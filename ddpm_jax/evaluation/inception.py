@@ -48,13 +48,16 @@ import hashlib
 import os
 import shutil
 import tarfile
+import time
 import urllib.request
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import traverse_util
 
 from ddpm_jax import workdir
@@ -75,14 +78,32 @@ InceptionFn = Callable[[Any], tuple[jax.Array, jax.Array]]
 
 # ----------------------------------------------------------------------------- preprocessing
 
-def _tf1_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """[out_size, in_size] float32 weights of TF1 `ResizeBilinear(align_corners=False)` on one axis.
+# Switches of the port that are facts about the TF graph. They are module constants so that the
+# self-check's tests can flip one (monkeypatch) and show that the comparison with the graph catches
+# what no shape check can: these are the port's likeliest silent errors.
+TF1_LEGACY_RESIZE = True          # ResizeBilinear(half_pixel_centers=False), not TF2's half-pixel
+AVG_POOL_COUNTS_PADDING = False   # TF's AvgPool(SAME) divides by the in-image pixels only
+E_BLOCK_POOLS = ('avg', 'max')    # mixed_9 average-pools, mixed_10 max-pools (the FID graph's quirk)
 
-  TF1 maps destination pixel i to source coordinate i * (in / out) (no half-pixel offset), computed
-  in float32, and interpolates between floor and ceil of it (clamped to the last pixel).
+
+def join(branches: Sequence[jax.Array]) -> jax.Array:
+  """A block's `join` node: the graph concatenates its branches in scope order (conv, tower,
+  tower_1, tower_2 / pool) along channels."""
+  return jnp.concatenate(list(branches), axis=-1)
+
+
+def _tf1_bilinear_matrix(in_size: int, out_size: int, legacy: bool = True) -> np.ndarray:
+  """[out_size, in_size] float32 weights of TF's `ResizeBilinear(align_corners=False)` on one axis.
+
+  TF1 (legacy, `half_pixel_centers=False`) maps destination pixel i to source coordinate
+  i * (in / out); TF2's half-pixel mode maps it to (i + 0.5) * (in / out) - 0.5, clamped at 0. Both
+  are computed in float32 and interpolate between floor and ceil (clamped to the last pixel).
   """
   scale = np.float32(in_size) / np.float32(out_size)
   src = np.arange(out_size, dtype=np.float32) * scale
+  if not legacy:
+    src = np.maximum((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale
+                     - np.float32(0.5), np.float32(0))
   lower = np.floor(src).astype(np.int64)
   upper = np.minimum(np.ceil(src).astype(np.int64), in_size - 1)
   frac = (src - lower.astype(np.float32)).astype(np.float64)
@@ -101,8 +122,8 @@ def resize_bilinear_tf1(images: jax.Array, size: int = INPUT_SIZE) -> jax.Array:
   _, height, width, _ = images.shape
   if (height, width) == (size, size):
     return images
-  rows = jnp.asarray(_tf1_bilinear_matrix(height, size))
-  cols = jnp.asarray(_tf1_bilinear_matrix(width, size))
+  rows = jnp.asarray(_tf1_bilinear_matrix(height, size, TF1_LEGACY_RESIZE))
+  cols = jnp.asarray(_tf1_bilinear_matrix(width, size, TF1_LEGACY_RESIZE))
   hi = jax.lax.Precision.HIGHEST  # exact float32 weights: no bf16/tf32 passes on accelerators
   images = jnp.einsum('oh,nhwc->nowc', rows, images, precision=hi)
   return jnp.einsum('pw,nowc->nopc', cols, images, precision=hi)
@@ -170,8 +191,8 @@ class Pool(nn.Module):
     if self.kind == 'max':
       return nn.max_pool(x, window, strides, self.padding)
     # TF's AvgPool divides by the number of in-image pixels under the window, not by 9.
-    return nn.avg_pool(x, window, strides, self.padding, count_include_pad=False)
-
+    return nn.avg_pool(x, window, strides, self.padding,
+                       count_include_pad=AVG_POOL_COUNTS_PADDING)
 
 
 class SplitConv(nn.Module):
@@ -182,9 +203,9 @@ class SplitConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.concatenate([
+    return join([
         ConvBN(ConvSpec(self.features, (1, 3)), self.precision, name='conv')(x),
-        ConvBN(ConvSpec(self.features, (3, 1)), self.precision, name='conv_1')(x)], axis=-1)
+        ConvBN(ConvSpec(self.features, (3, 1)), self.precision, name='conv_1')(x)])
 
 
 class Tower(nn.Module):
@@ -223,12 +244,12 @@ class InceptionA(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     p = self.precision
-    return jnp.concatenate([
+    return join([
         ConvBN(ConvSpec(64), p, name='conv')(x),
         Tower((ConvSpec(48), ConvSpec(64, (5, 5))), precision=p, name='tower')(x),
         Tower((ConvSpec(64), ConvSpec(96, (3, 3)), ConvSpec(96, (3, 3))), precision=p,
               name='tower_1')(x),
-        PoolTower('avg', self.pool_features, p, name='tower_2')(x)], axis=-1)
+        PoolTower('avg', self.pool_features, p, name='tower_2')(x)])
 
 
 class InceptionB(nn.Module):
@@ -238,11 +259,11 @@ class InceptionB(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     p = self.precision
-    return jnp.concatenate([
+    return join([
         ConvBN(ConvSpec(384, (3, 3), 2, 'VALID'), p, name='conv')(x),
         Tower((ConvSpec(64), ConvSpec(96, (3, 3)), ConvSpec(96, (3, 3), 2, 'VALID')), precision=p,
               name='tower')(x),
-        Pool('max', 3, 2, 'VALID', name='pool')(x)], axis=-1)
+        Pool('max', 3, 2, 'VALID', name='pool')(x)])
 
 
 class InceptionC(nn.Module):
@@ -253,13 +274,13 @@ class InceptionC(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     p, c = self.precision, self.channels_7x7
-    return jnp.concatenate([
+    return join([
         ConvBN(ConvSpec(192), p, name='conv')(x),
         Tower((ConvSpec(c), ConvSpec(c, (1, 7)), ConvSpec(192, (7, 1))), precision=p,
               name='tower')(x),
         Tower((ConvSpec(c), ConvSpec(c, (7, 1)), ConvSpec(c, (1, 7)), ConvSpec(c, (7, 1)),
                ConvSpec(192, (1, 7))), precision=p, name='tower_1')(x),
-        PoolTower('avg', 192, p, name='tower_2')(x)], axis=-1)
+        PoolTower('avg', 192, p, name='tower_2')(x)])
 
 
 class InceptionD(nn.Module):
@@ -269,11 +290,11 @@ class InceptionD(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     p = self.precision
-    return jnp.concatenate([
+    return join([
         Tower((ConvSpec(192), ConvSpec(320, (3, 3), 2, 'VALID')), precision=p, name='tower')(x),
         Tower((ConvSpec(192), ConvSpec(192, (1, 7)), ConvSpec(192, (7, 1)),
                ConvSpec(192, (3, 3), 2, 'VALID')), precision=p, name='tower_1')(x),
-        Pool('max', 3, 2, 'VALID', name='pool')(x)], axis=-1)
+        Pool('max', 3, 2, 'VALID', name='pool')(x)])
 
 
 class InceptionE(nn.Module):
@@ -287,11 +308,11 @@ class InceptionE(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     p = self.precision
-    return jnp.concatenate([
+    return join([
         ConvBN(ConvSpec(320), p, name='conv')(x),
         Tower((ConvSpec(384),), split=384, precision=p, name='tower')(x),
         Tower((ConvSpec(448), ConvSpec(384, (3, 3))), split=384, precision=p, name='tower_1')(x),
-        PoolTower(self.pool_kind, 192, p, name='tower_2')(x)], axis=-1)
+        PoolTower(self.pool_kind, 192, p, name='tower_2')(x)])
 
 
 class Logits(nn.Module):
@@ -322,10 +343,15 @@ class InceptionV3(nn.Module):
   logits_include_bias: bool = False
   precision: Any = jax.lax.Precision.HIGHEST
 
-  @nn.compact
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return self.network(preprocess(images))
+
+  @nn.compact
+  def network(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """From the graph's `Mul` node on: preprocessed float32 [N, 299, 299, 3] in [-1, 1] -> (pool_3,
+    logits). Separate from `__call__` so that inputs of several sizes, resized first, share one
+    compilation of the network (the self-check)."""
     p = self.precision
-    x = preprocess(images)
     x = ConvBN(ConvSpec(32, (3, 3), 2, 'VALID'), p, name='conv')(x)      # 149x149
     x = ConvBN(ConvSpec(32, (3, 3), 1, 'VALID'), p, name='conv_1')(x)    # 147x147
     x = ConvBN(ConvSpec(64, (3, 3)), p, name='conv_2')(x)
@@ -339,8 +365,8 @@ class InceptionV3(nn.Module):
     for i, channels_7x7 in enumerate((128, 160, 160, 192)):
       x = InceptionC(channels_7x7, p, name=f'mixed_{4 + i}')(x)
     x = InceptionD(p, name='mixed_8')(x)                                 # 8x8
-    x = InceptionE('avg', p, name='mixed_9')(x)
-    x = InceptionE('max', p, name='mixed_10')(x)
+    x = InceptionE(E_BLOCK_POOLS[0], p, name='mixed_9')(x)
+    x = InceptionE(E_BLOCK_POOLS[1], p, name='mixed_10')(x)
     features = jnp.mean(x, axis=(1, 2))  # pool_3: 8x8 average pool over the whole map
     return features, Logits(self.logits_include_bias, p, name='softmax')(features)
 
@@ -461,7 +487,8 @@ def tf_const_name(path: str) -> str:
   return '/'.join(scope + [_TF_CONST_SUFFIX[leaf]])
 
 
-def _read_graph_def(path: str):
+def read_graph_def(path: str):
+  """The parsed GraphDef protobuf of a .pb file (ValueError naming the file if it is not one)."""
   from tensorflow.core.framework import graph_pb2  # pylint: disable=g-import-not-at-top
   graph_def = graph_pb2.GraphDef()
   with open(path, 'rb') as f:
@@ -526,7 +553,7 @@ def convert_graph_def(path: str) -> Variables:
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   source = f'Inception weights file {path!r}'
-  graph_def = _read_graph_def(path)
+  graph_def = read_graph_def(path)
   nodes = {n.name: n for n in graph_def.node}
   consumers = {inp.split(':')[0].lstrip('^'): n for n in graph_def.node for inp in n.input}
 
@@ -610,17 +637,50 @@ def _download(url: str, cache_dir: str) -> str:
   return target
 
 
-def _converted(graph_def_path: str, cache_dir: str) -> Variables:
+def sha256_of(path: str) -> str:
+  """The hex sha256 of a file's bytes: the key of its converted weights and self-check record."""
+  return _sha256(path)
+
+
+def _cache_base(graph_def_path: str, cache_dir: str, digest: str | None = None) -> str:
+  return os.path.join(cache_dir, f'inception_fid_{(digest or _sha256(graph_def_path))[:16]}')
+
+
+def _converted(graph_def_path: str, cache_dir: str, digest: str | None = None) -> Variables:
   """Converts a .pb once; the Flax tree is cached under the .pb's content hash."""
-  cached = os.path.join(cache_dir, f'inception_fid_{_sha256(graph_def_path)[:16]}.npz')
+  cached = _cache_base(graph_def_path, cache_dir, digest) + '.npz'
   if not os.path.exists(cached):
     save_inception_variables(convert_graph_def(graph_def_path), cached)
   return load_inception_variables_npz(cached)
 
 
+def resolve_weights(weights_path: str | None = None, cache_dir: str | None = None,
+                    url: str = INCEPTION_URL) -> str:
+  """The weights file to use: a GraphDef .pb (a .tgz is extracted into cache_dir; None means
+  `<cache_dir>/classify_image_graph_def.pb`, downloaded from `url` if missing) or a .npz."""
+  cache_dir = cache_dir or DEFAULT_CACHE_DIR
+  os.makedirs(cache_dir, exist_ok=True)
+  if weights_path is None:
+    graph_def = os.path.join(cache_dir, GRAPH_DEF_NAME)
+    if not os.path.exists(graph_def):
+      graph_def = _extract_graph_def(_download(url, cache_dir), cache_dir)
+    return graph_def
+  if not os.path.isfile(weights_path):
+    raise FileNotFoundError(f'config.eval.inception_weights: {weights_path!r} does not exist; '
+                            f'accepted: {ACCEPTED_WEIGHTS}')
+  if weights_path.endswith(('.npz', '.pb')):
+    return weights_path
+  if weights_path.endswith(('.tgz', '.tar.gz')):
+    return _extract_graph_def(weights_path, cache_dir)
+  raise ValueError(f'config.eval.inception_weights: {weights_path!r} has an unknown extension; '
+                   f'accepted: {ACCEPTED_WEIGHTS}')
+
+
 def load_inception_variables(weights_path: str | None = None, cache_dir: str | None = None,
                              url: str = INCEPTION_URL) -> Variables:
   """InceptionV3 variables from `weights_path` (config.eval.inception_weights) or the public file.
+
+  Not self-checked: `load_checked_variables` is what the FID pipeline uses.
 
   Args:
     weights_path: a .npz (from `save_inception_variables`), a GraphDef .pb or the
@@ -632,23 +692,159 @@ def load_inception_variables(weights_path: str | None = None, cache_dir: str | N
     {'params': ..., 'batch_stats': ...} of float32 numpy arrays for `InceptionV3().apply`.
   """
   cache_dir = cache_dir or DEFAULT_CACHE_DIR
-  os.makedirs(cache_dir, exist_ok=True)
-  if weights_path is None:
-    graph_def = os.path.join(cache_dir, GRAPH_DEF_NAME)
-    if not os.path.exists(graph_def):
-      graph_def = _extract_graph_def(_download(url, cache_dir), cache_dir)
-    return _converted(graph_def, cache_dir)
-  if not os.path.isfile(weights_path):
-    raise FileNotFoundError(f'config.eval.inception_weights: {weights_path!r} does not exist; '
-                            f'accepted: {ACCEPTED_WEIGHTS}')
-  if weights_path.endswith('.npz'):
-    return load_inception_variables_npz(weights_path)
-  if weights_path.endswith('.pb'):
-    return _converted(weights_path, cache_dir)
-  if weights_path.endswith(('.tgz', '.tar.gz')):
-    return _converted(_extract_graph_def(weights_path, cache_dir), cache_dir)
-  raise ValueError(f'config.eval.inception_weights: {weights_path!r} has an unknown extension; '
-                   f'accepted: {ACCEPTED_WEIGHTS}')
+  path = resolve_weights(weights_path, cache_dir, url)
+  if path.endswith('.npz'):
+    return load_inception_variables_npz(path)
+  return _converted(path, cache_dir)
+
+
+# ----------------------------------------------------------------------------- self-check
+
+# Agreement criterion of the self-check: for pool_3 and for the logits, the largest absolute
+# difference between the port and the graph, divided by the largest absolute value the graph
+# outputs, must stay below this. Both backends compute in float32 but sum in different orders
+# (TF's oneDNN/Eigen convolutions vs XLA's) through ~50 layers, which leaves relative differences of
+# order 1e-6..1e-5; every port error the tests inject (a swapped concatenation, a wrong pool, the
+# half-pixel resize) moves them by 1e-2 or more. 1e-3 sits between the two with room on both sides,
+# and a feature error of 1e-3 relative moves an FID of ~3 by far less than its sampling noise.
+SELF_CHECK_TOLERANCE = 1e-3
+
+
+class PortMismatchError(RuntimeError):
+  """The Flax port disagrees with the TF graph on the self-check images."""
+
+
+def self_check_images() -> list[np.ndarray]:
+  """The self-check's fixed inputs: two uint8 batches [8, 32, 32, 3] and [8, 256, 256, 3].
+
+  Each holds horizontal and diagonal gradients, a 1-pixel and a coarse checkerboard, uniform noise
+  (numpy seed 0), two flat colours and a bright square on black: inputs on which a wrong resize, a
+  pool counting padding or swapped channels show up at the borders and in the mean.
+  """
+  rng = np.random.default_rng(0)
+  batches = []
+  for size in (32, 256):
+    i, j = np.meshgrid(np.arange(size), np.arange(size), indexing='ij')
+    ramp = j / (size - 1)
+    diagonal = (i + j) / (2 * size - 2)
+    fine = ((i + j) % 2).astype(np.float64)
+    coarse = ((i // max(size // 8, 1) + j // max(size // 8, 1)) % 2).astype(np.float64)
+    square = ((i > size // 4) & (i < size // 2) & (j > size // 3) & (j < 3 * size // 4)) * 1.0
+    images = [np.stack([ramp, 1 - ramp, diagonal], -1), np.stack([diagonal, ramp, fine], -1),
+              np.stack([fine] * 3, -1), np.stack([coarse, 1 - coarse, coarse * 0.5], -1),
+              rng.uniform(size=(size, size, 3)),
+              np.broadcast_to([0.9, 0.2, 0.1], (size, size, 3)),
+              np.broadcast_to([0.1, 0.5, 0.8], (size, size, 3)), np.stack([square] * 3, -1)]
+    batches.append(np.round(np.stack(images) * 255).astype(np.uint8))
+  return batches
+
+
+def port_outputs(variables: Variables, batches: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+  """The Flax port's (pool_3, logits) on `batches` (uint8 [B, H, W, C] of any sizes).
+
+  Each batch is preprocessed (resized) on its own, then one compilation of the network runs them
+  all, so checking inputs of several sizes costs one compile of the big graph.
+  """
+  model = InceptionV3()
+  x = jnp.concatenate([jax.jit(preprocess)(b) for b in batches])
+  pool, logits = jax.jit(functools.partial(model.apply, method=InceptionV3.network))(variables, x)
+  return np.asarray(pool), np.asarray(logits)
+
+
+def compare_with_graph(variables: Variables, graph_def_path: str,
+                       batches: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
+  """Runs the port and the TF graph on `batches` (default: `self_check_images()`) and returns the
+  largest absolute and relative differences of pool_3 and of the logits."""
+  from ddpm_jax.evaluation import inception_tf  # pylint: disable=g-import-not-at-top
+  batches = list(self_check_images() if batches is None else batches)
+  graph = inception_tf.TFGraphInception(graph_def_path)
+  try:
+    expected = [np.concatenate(o) for o in zip(*(graph(b) for b in batches))]
+  finally:
+    graph.close()
+  got = port_outputs(variables, batches)
+  report: dict[str, Any] = {'num_images': int(sum(len(b) for b in batches)),
+                            'image_sizes': [list(s) for s in sorted({tuple(b.shape[1:3])
+                                                                     for b in batches})],
+                            'tolerance': SELF_CHECK_TOLERANCE}
+  for name, want, have in zip(('pool_3', 'logits'), expected, got):
+    diff = np.abs(have.astype(np.float64) - want.astype(np.float64))
+    worst = np.unravel_index(np.argmax(diff), diff.shape)
+    report[name] = {'max_abs_diff': float(diff.max()),
+                    'max_rel_diff': float(diff.max() / max(np.abs(want).max(), 1e-30)),
+                    'worst_index': [int(k) for k in worst]}
+  report['passed'] = all(report[n]['max_rel_diff'] <= SELF_CHECK_TOLERANCE
+                         for n in ('pool_3', 'logits'))
+  return report
+
+
+def check_port(variables: Variables, graph_def_path: str, record_path: str,
+               batches: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
+  """The self-check: compares the port with the graph once and records the agreement.
+
+  Returns the record (also written as JSON to `record_path`, beside the cached converted weights);
+  raises PortMismatchError naming the largest difference when they disagree.
+  """
+  report = compare_with_graph(variables, graph_def_path, batches)
+  report.update(weights_file=os.path.abspath(graph_def_path), weights_sha256=_sha256(graph_def_path),
+                jax_backend=jax.default_backend(), checked_at=time.strftime('%Y-%m-%dT%H:%M:%SZ',
+                                                                            time.gmtime()))
+  if not report['passed']:
+    name = max(('pool_3', 'logits'), key=lambda n: report[n]['max_rel_diff'])
+    worst = report[name]
+    raise PortMismatchError(
+        f'the Flax Inception port disagrees with the TF graph {graph_def_path!r}: largest '
+        f'difference in {name} at {worst["worst_index"]}: {worst["max_abs_diff"]:.3g} absolute, '
+        f'{worst["max_rel_diff"]:.3g} relative to the largest value (tolerance '
+        f'{SELF_CHECK_TOLERANCE:g}). Its numbers cannot be trusted: set '
+        "config.eval.inception_backend='tf_graph' (the graph itself, on the CPU)")
+  workdir.write_json(record_path, report)
+  logging.info('Inception self-check passed: the Flax port matches %s on %d images (pool_3 max '
+               'relative difference %.2g, logits %.2g, tolerance %g); recorded in %s.',
+               graph_def_path, report['num_images'], report['pool_3']['max_rel_diff'],
+               report['logits']['max_rel_diff'], SELF_CHECK_TOLERANCE, record_path)
+  return report
+
+
+def load_checked_variables(weights_path: str | None = None, cache_dir: str | None = None,
+                           self_check: bool = True,
+                           url: str = INCEPTION_URL) -> tuple[Variables, dict[str, Any]]:
+  """The Flax port's variables, self-checked against the graph the first time a file is used.
+
+  Returns (variables, provenance): provenance holds 'weights_file', 'weights_sha256' and
+  'self_check' (the record of the check: run now or earlier for the same sha256, or 'skipped').
+  A .npz carries no graph to check against: it needs self_check=False (an explicit opt-out).
+  """
+  cache_dir = cache_dir or DEFAULT_CACHE_DIR
+  path = resolve_weights(weights_path, cache_dir, url)
+  digest = _sha256(path)
+  provenance: dict[str, Any] = {'weights_file': os.path.abspath(path), 'weights_sha256': digest}
+  if path.endswith('.npz'):
+    if self_check:
+      raise ValueError(
+          f'config.eval.inception_weights={weights_path!r}: a .npz of converted weights cannot be '
+          'self-checked (it holds no TF graph); give the classify_image_graph_def.pb or the .tgz, '
+          'or opt out with config.eval.inception_self_check=False')
+    provenance['self_check'] = 'skipped'
+    return load_inception_variables_npz(path), provenance
+  variables = _converted(path, cache_dir, digest)
+  if not self_check:
+    logging.warning('Inception self-check skipped (config.eval.inception_self_check=False): the '
+                    'Flax port has not been compared with %s.', path)
+    provenance['self_check'] = 'skipped'
+    return variables, provenance
+  record_path = _cache_base(path, cache_dir, digest) + '.selfcheck.json'
+  if os.path.exists(record_path):
+    record = workdir.read_json(record_path)
+    if record.get('weights_sha256') == digest and record.get('passed'):
+      logging.info('Inception self-check: the Flax port matched this graph on %s (%s).',
+                   record.get('checked_at'), record_path)
+      provenance['self_check'] = record
+      return variables, provenance
+  logging.info('Inception self-check: comparing the Flax port with the TF graph %s (once per '
+               'weights file)...', path)
+  provenance['self_check'] = check_port(variables, path, record_path)
+  return variables, provenance
 
 
 def make_inception_fn(variables: Variables, logits_include_bias: bool = False) -> InceptionFn:
@@ -660,7 +856,7 @@ def make_inception_fn(variables: Variables, logits_include_bias: bool = False) -
   return functools.partial(_jitted_apply(logits_include_bias), jax.device_put(variables))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_apply(logits_include_bias: bool) -> Callable[..., tuple[jax.Array, jax.Array]]:
   # One jitted function per configuration, so every weights tree reuses its compilations.
   return jax.jit(InceptionV3(logits_include_bias=logits_include_bias).apply)
