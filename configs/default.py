@@ -108,5 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.num_train_examples = 10_000  # train subset for the train-test NLL gap; 0 disables
   evaluation.fid_num_samples = 50_000
   evaluation.inception_weights = ml_collections.config_dict.placeholder(str)
+  # FID Inception: 'flax' (the port, on the accelerator; compared with the TF graph the first time a
+  # weights file is used) or 'tf_graph' (TF's frozen graph itself, on the CPU: the reference, slow).
+  evaluation.inception_backend = 'flax'
+  evaluation.inception_self_check = True  # False runs the Flax port unchecked (explicit opt-out)
+  evaluation.precision_recall_k = 5       # k-NN of improved precision / recall (iDDPM); 0 disables
   evaluation.sample_dir = ml_collections.config_dict.placeholder(str)  # default: <workdir>/samples
   return config

@@ -22,6 +22,7 @@ import ml_collections
 
 from ddpm_jax import diffusion, evaluation, models, sampling, train
 from ddpm_jax.data import sources
+from ddpm_jax.evaluation import fid
 from ddpm_jax.models import layers, unet
 
 # Fields that must be one of an enumeration.
@@ -209,6 +210,15 @@ def _check_eval(config: ml_collections.ConfigDict) -> None:
     _fail('eval.metrics', metrics, f'each metric must be one of {evaluation.METRIC_NAMES}')
   if 'digits_fid' in metrics and config.data.dataset != sources.DIGITS:
     _fail('eval.metrics', tuple(metrics), f"'digits_fid' needs data.dataset='{sources.DIGITS}'")
+  e = config.eval
+  if e.inception_backend not in fid.INCEPTION_BACKENDS:
+    _fail('eval.inception_backend', e.inception_backend, f'expected one of {fid.INCEPTION_BACKENDS}')
+  if not isinstance(e.inception_self_check, bool):
+    _fail('eval.inception_self_check', e.inception_self_check, 'expected True or False')
+  k = e.precision_recall_k
+  if not _is_int(k) or k < 0 or ('fid' in metrics and k >= max(e.fid_num_samples, 1)):
+    _fail('eval.precision_recall_k', k, 'expected an integer >= 0 (0 disables) and, with the fid '
+          f'metric, < eval.fid_num_samples={e.fid_num_samples}')
 
 
 def _check_data(config: ml_collections.ConfigDict) -> None:

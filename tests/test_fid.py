@@ -188,7 +188,8 @@ def test_fid_and_is_pipeline_and_reference_cache(random_weights, tmp_path, monke
   recorded = []
   monkeypatch.setattr(fid, 'frechet_distance', lambda *stats: recorded.append(stats) or 1.5)
   result = fid.fid_and_is(samples, stats_path, lambda: reference, weights_path=random_weights,
-                          cache_dir=str(tmp_path / 'cache'), batch_size=4, num_splits=2)
+                          cache_dir=str(tmp_path / 'cache'), batch_size=4, num_splits=2,
+                          self_check=False)  # a .npz holds no graph to check the port against
   fn = inc.make_inception_fn(inc.load_inception_variables(random_weights))
   sample_pool, sample_logits = fid.compute_inception_features(fn, samples, batch_size=4)
   reference_pool, _ = fid.compute_inception_features(fn, reference, batch_size=4)
@@ -230,7 +231,7 @@ def test_fid_and_is_end_to_end_on_random_weights(random_weights, tmp_path):
   reference, samples = _digit_like_images(10), _digit_like_images(11)
   result = fid.fid_and_is(samples, str(tmp_path / 'stats.npz'), lambda: reference,
                           weights_path=random_weights, batch_size=4, num_splits=2,
-                          cache_dir=str(tmp_path / 'cache'))
+                          cache_dir=str(tmp_path / 'cache'), self_check=False)
   fn = inc.make_inception_fn(inc.load_inception_variables(random_weights))
   sample_pool, _ = fid.compute_inception_features(fn, samples, batch_size=4)
   reference_pool, _ = fid.compute_inception_features(fn, reference, batch_size=4)
@@ -238,3 +239,75 @@ def test_fid_and_is_end_to_end_on_random_weights(random_weights, tmp_path):
                                         reference_pool.astype(np.float64))
   # sqrtm of a singular product is accurate to ~1e-6 only (scipy warns so; TTUR lives with it).
   assert expected > 0 and result['fid'] == pytest.approx(expected, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- backends, --mode=eval
+
+def test_make_inception_checks_its_arguments(random_weights, tmp_path):
+  with pytest.raises(ValueError, match="expected one of \\('tf_graph', 'flax'\\)"):
+    fid.make_inception('torch', random_weights, str(tmp_path))
+  with pytest.raises(ValueError, match="inception_backend='tf_graph'.*classify_image_graph_def"):
+    fid.make_inception('tf_graph', random_weights, str(tmp_path))
+  with pytest.raises(ValueError, match='inception_self_check=False'):
+    fid.make_inception('flax', random_weights, str(tmp_path))
+
+
+def test_fid_report_provenance_and_reference_features(tmp_path, monkeypatch):
+  """Every number names its backend, weights, sample count and reference; references keep the
+  pool_3 features that precision / recall need (FD spied on: a 2048-d sqrtm is slow)."""
+  monkeypatch.setattr(fid, 'frechet_distance', lambda *stats: float(len(stats)))
+  rng = np.random.default_rng(12)
+  train, test, samples = (rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8) for n in (9, 7, 8))
+  refs = [fid.Reference('train', str(tmp_path / 'train.npz'), lambda: train),
+          fid.Reference('test', str(tmp_path / 'test.npz'), lambda: test)]
+  provenance = {'backend': 'flax', 'weights_sha256': 'ab' * 32}
+  result = fid.fid_report(samples, refs, _fake_apply([]), provenance, batch_size=4, num_splits=2,
+                          k=3)
+  assert {'fid', 'precision', 'recall', 'fid_test', 'precision_test', 'recall_test',
+          'inception_score', 'inception_score_std', 'num_samples'} <= set(result)
+  numbers = result['provenance']['numbers']
+  assert set(numbers) == set(result) - {'provenance', 'num_samples'}
+  assert numbers['fid_test']['reference_stats'] == str(tmp_path / 'test.npz')
+  assert numbers['recall']['reference_num_images'] == 9 and numbers['recall']['k'] == 3
+  assert all(n['backend'] == 'flax' and n['num_samples'] == 8 for n in numbers.values())
+  with np.load(tmp_path / 'train.npz') as cached:
+    pool, _ = _fake_apply([])(train)
+    np.testing.assert_array_equal(cached['features'], pool)
+  expected = fid.pr_lib.precision_recall(pool, _fake_apply([])(samples)[0], 3)
+  assert (result['precision'], result['recall']) == (expected['precision'], expected['recall'])
+
+
+@pytest.fixture(scope='module')
+def synthetic_graph(tmp_path_factory):
+  import inception_graph  # pylint: disable=import-outside-toplevel
+  path = tmp_path_factory.mktemp('graph') / inc.GRAPH_DEF_NAME
+  return inception_graph.write_graph_def(
+      inception_graph.build_graph_def(inception_graph.random_flat(seed=21)), path)
+
+
+@pytest.mark.slow  # two backends x two references: four 2048-d sqrtm and the self-check
+def test_eval_job_fid_is_the_same_through_both_backends(synthetic_graph, tmp_path, monkeypatch):
+  from conftest import tiny_config, write_checkpoint  # pylint: disable=import-outside-toplevel
+  from ddpm_jax import jobs  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(inc, 'DEFAULT_CACHE_DIR', str(tmp_path / 'cache'))
+  results = {}
+  for backend in fid.INCEPTION_BACKENDS:
+    config = tiny_config()
+    config.eval.metrics = ('fid',)
+    config.eval.fid_num_samples = 8
+    config.eval.inception_weights = synthetic_graph
+    config.eval.inception_backend = backend
+    workdir = str(tmp_path / backend)
+    write_checkpoint(workdir, config)
+    results[backend] = jobs.run('eval', config, workdir)['fid']
+  flax, graph = results['flax'], results['tf_graph']
+  assert flax['provenance']['inception']['self_check']['passed']
+  for name in ('fid', 'fid_test'):
+    assert flax[name] > 0 and flax[name] == pytest.approx(graph[name], rel=1e-6)
+  for name in ('precision', 'recall', 'precision_test', 'recall_test', 'inception_score'):
+    assert flax[name] == pytest.approx(graph[name], rel=1e-6)
+  numbers = graph['provenance']['numbers']
+  assert numbers['fid']['backend'] == 'tf_graph' and numbers['fid']['checkpoint_step'] == 0
+  assert numbers['fid_test']['reference_stats'].endswith('.npz') and '_test_8_' in numbers[
+      'fid_test']['reference_stats']
+  assert numbers['fid']['weights_sha256'] == inc.sha256_of(synthetic_graph)

@@ -13,16 +13,24 @@ used directly as the reference file.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.linalg
 import scipy.special
+from absl import logging
 
 from ddpm_jax import workdir
 from ddpm_jax.evaluation import inception
+from ddpm_jax.evaluation import precision_recall as pr_lib
+
+# config.eval.inception_backend: 'tf_graph' runs TF's frozen graph on the CPU (the reference, slow);
+# 'flax' runs the Flax port on the accelerator, after checking it against the graph once.
+INCEPTION_BACKENDS = ('tf_graph', 'flax')
 
 Images = np.ndarray | Iterable[np.ndarray]   # uint8 [N, H, W, C], or batches of it
 Stats = tuple[np.ndarray, np.ndarray]        # (mu float64 [D], sigma float64 [D, D])
@@ -187,10 +195,113 @@ def load_or_compute_reference_stats(path: str, compute_fn: Callable[[], Stats]) 
   return load_stats(path)
 
 
+def make_inception(backend: str = 'flax', weights_path: str | None = None,
+                   cache_dir: str | None = None,
+                   self_check: bool = True) -> tuple[inception.InceptionFn, dict[str, Any]]:
+  """The Inception function of `backend` and its provenance.
+
+  Args:
+    backend: 'tf_graph' (the frozen graph, TensorFlow on the CPU) or 'flax' (the port, jitted; its
+      variables are self-checked against the graph the first time a weights file is used, see
+      `inception.load_checked_variables`).
+    weights_path: config.eval.inception_weights (None: the public file, downloaded once).
+    cache_dir: where weights are downloaded, converted and their self-check recorded.
+    self_check: 'flax' only; False runs an unchecked port (an explicit opt-out).
+  Returns:
+    (images [B, H, W, C] uint8 -> (pool_3 [B, 2048], logits [B, 1008]), {'backend', 'weights_file',
+    'weights_sha256', 'self_check'}).
+  """
+  if backend == 'flax':
+    variables, provenance = inception.load_checked_variables(weights_path, cache_dir, self_check)
+    return inception.make_inception_fn(variables), {'backend': backend, **provenance}
+  if backend == 'tf_graph':
+    from ddpm_jax.evaluation import inception_tf  # pylint: disable=g-import-not-at-top
+    path = inception.resolve_weights(weights_path, cache_dir)
+    if path.endswith('.npz'):
+      raise ValueError(f"config.eval.inception_weights={weights_path!r}: inception_backend='tf_graph'"
+                       ' runs the TF graph itself; give classify_image_graph_def.pb or the .tgz')
+    logging.info('Inception backend tf_graph: running %s with TensorFlow on the CPU.', path)
+    return inception_tf.make_tf_inception_fn(path), {
+        'backend': backend, 'weights_file': os.path.abspath(path),
+        'weights_sha256': inception.sha256_of(path), 'self_check': 'not needed (the graph itself)'}
+  raise ValueError(f'backend: got {backend!r}, expected one of {INCEPTION_BACKENDS}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """A reference set: its name (the split), its cached statistics file, and its images (read only
+  when that file is missing or lacks the features that precision / recall need)."""
+  name: str
+  stats_path: str
+  images_fn: Callable[[], Images]
+
+
+def load_or_compute_reference(reference: Reference, inception_fn: inception.InceptionFn,
+                              batch_size: int, need_features: bool) -> dict[str, Any]:
+  """{'mu', 'sigma', 'features' (or None), 'num_images'} of a reference set, cached in its .npz
+  (the TTUR layout plus the pool_3 `features` [N, 2048] float32 that precision / recall need)."""
+  path = reference.stats_path
+  if os.path.exists(path):
+    with np.load(path, allow_pickle=False) as data:
+      has_features = 'features' in data.files
+    if has_features or not need_features:
+      mu, sigma = load_stats(path)
+      features = None
+      if has_features:
+        with np.load(path, allow_pickle=False) as data:
+          features = data['features']
+      return {'mu': mu, 'sigma': sigma, 'features': features,
+              'num_images': None if features is None else int(features.shape[0])}
+    logging.info('%s has no features (precision / recall need them): recomputing it.', path)
+  features, _ = compute_inception_features(inception_fn, reference.images_fn(), batch_size)
+  mu, sigma = activation_statistics(features)
+  workdir.savez(path, mu=mu, sigma=sigma, features=np.asarray(features, np.float32))
+  return {'mu': mu, 'sigma': sigma, 'features': np.asarray(features, np.float32),
+          'num_images': int(features.shape[0])}
+
+
+def fid_report(samples_uint8: Images, references: Sequence[Reference],
+               inception_fn: inception.InceptionFn, provenance: dict[str, Any],
+               batch_size: int = 100, num_splits: int = 10,
+               k: int | None = pr_lib.DEFAULT_K) -> dict[str, Any]:
+  """FID against each reference (DDPM reports the train split; the original evaluation also the
+  test split), Inception Score, and improved precision / recall (k-NN, `k`; None skips them).
+
+  Keys: 'fid', 'precision', 'recall' against references[0]; 'fid_<name>', 'precision_<name>',
+  'recall_<name>' against each further reference; 'inception_score', 'inception_score_std',
+  'num_samples'; and 'provenance': for every number, the backend, the weights file's sha256, the
+  number of samples, the reference statistics file and its number of images.
+  """
+  features, logits = compute_inception_features(inception_fn, samples_uint8, batch_size)
+  mu, sigma = activation_statistics(features)
+  is_mean, is_std = inception_score(logits, num_splits)
+  num = int(features.shape[0])
+  common = {'backend': provenance['backend'], 'weights_sha256': provenance['weights_sha256'],
+            'num_samples': num}
+  result: dict[str, Any] = {'inception_score': is_mean, 'inception_score_std': is_std,
+                            'num_samples': num}
+  records = {'inception_score': dict(common, reference_stats=None),
+             'inception_score_std': dict(common, reference_stats=None)}
+  for i, reference in enumerate(references):
+    ref = load_or_compute_reference(reference, inception_fn, batch_size, k is not None)
+    suffix = '' if i == 0 else f'_{reference.name}'
+    source = dict(common, reference_stats=os.path.abspath(reference.stats_path),
+                  reference_split=reference.name, reference_num_images=ref['num_images'])
+    result['fid' + suffix] = frechet_distance(mu, sigma, ref['mu'], ref['sigma'])
+    records['fid' + suffix] = source
+    if k is not None:
+      for name, value in pr_lib.precision_recall(ref['features'], features, k).items():
+        result[name + suffix] = value
+        records[name + suffix] = dict(source, k=k)
+  result['provenance'] = dict(inception=provenance, numbers=records)
+  return result
+
+
 def fid_and_is(samples_uint8: Images, reference_stats_path: str,
                reference_images_fn: Callable[[], Images], weights_path: str | None = None,
                cache_dir: str | None = None, batch_size: int = 100, num_splits: int = 10,
-               inception_fn: inception.InceptionFn | None = None) -> dict[str, float]:
+               inception_fn: inception.InceptionFn | None = None, backend: str = 'flax',
+               self_check: bool = True) -> dict[str, float]:
   """FID against reference statistics and Inception Score of generated samples (DDPM §4.1).
 
   Args:
@@ -204,12 +315,12 @@ def fid_and_is(samples_uint8: Images, reference_stats_path: str,
     batch_size: images per Inception call (config.eval.batch_size).
     num_splits: Inception Score splits (10 as in the paper's code).
     inception_fn: an already built `inception.make_inception_fn(...)`; overrides weights_path.
+    backend, self_check: see `make_inception`.
   Returns:
     {'fid', 'inception_score', 'inception_score_std', 'num_samples'}.
   """
   if inception_fn is None:
-    variables = inception.load_inception_variables(weights_path, cache_dir)
-    inception_fn = inception.make_inception_fn(variables)
+    inception_fn, _ = make_inception(backend, weights_path, cache_dir, self_check)
 
   def reference_stats() -> Stats:
     features, _ = compute_inception_features(inception_fn, reference_images_fn(), batch_size)

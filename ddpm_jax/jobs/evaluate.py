@@ -5,8 +5,9 @@
                    train-test gap); per-t terms, prior and x0 MSE as eval/bpd_<split>.json, .csv.
   rate_distortion  DDPM §4.3 / Table 4 / Fig. 5 from the same bound terms:
                    eval/rate_distortion.csv and .png.
-  fid              FID / IS of config.eval.fid_num_samples samples of the sample directory (the
-                   missing ones sampled first, with the weights at hand) against the training set.
+  fid              FID / IS and precision / recall of config.eval.fid_num_samples samples of the
+                   sample directory (the missing ones sampled first, with the weights at hand)
+                   against the training set and the test set, with their provenance.
   digits_fid       the digits classifier metrics on those samples (data.dataset = 'digits').
 
 The weights are the latest checkpoint's (EMA when config.sampling.use_ema), or those passed in (the
@@ -154,21 +155,34 @@ def eval_samples(ctx: EvalContext, num_samples: int) -> np.ndarray:
 
 
 def fid_metric(ctx: EvalContext) -> dict[str, Any]:
-  """FID and IS (DDPM Table 1) of config.eval.fid_num_samples samples against the training set.
+  """FID / IS (DDPM Table 1) and improved precision / recall (iDDPM, k = 5) of
+  config.eval.fid_num_samples samples, against the training set and the test set.
 
-  The reference statistics (the first fid_num_samples images of data.train_split, as DDPM's 50k
-  CIFAR10 training images) are computed once and cached in
-  eval/fid_reference_<dataset>_<split>_<n>.npz.
+  The Inception is config.eval.inception_backend's ('flax': the port, self-checked against the TF
+  graph once per weights file unless config.eval.inception_self_check=False; 'tf_graph': the graph
+  itself on the CPU). Each reference (the first fid_num_samples images of data.train_split, as DDPM's
+  50k CIFAR10 training images, then of data.eval_split) is computed once and cached in
+  eval/fid_reference_<dataset>_<split>_<n>_<backend>_<weights sha256[:12]>.npz. The result's
+  'provenance' names, for every number, the backend, the weights' sha256, the number of samples,
+  the reference statistics file and the checkpoint step.
   """
   from ddpm_jax.evaluation import fid  # pylint: disable=g-import-not-at-top  (Inception: slow import)
   c = ctx.config
   num = c.eval.fid_num_samples
   samples = eval_samples(ctx, num)
+  inception_fn, provenance = fid.make_inception(c.eval.inception_backend, c.eval.inception_weights,
+                                                self_check=c.eval.inception_self_check)
   dataset = ''.join(ch if ch.isalnum() else '_' for ch in c.data.dataset)
-  reference = os.path.join(ctx.eval_dir, f'fid_reference_{dataset}_{c.data.train_split}_{num}.npz')
-  return fid.fid_and_is(samples, reference,
-                        lambda: data.load_eval_images(c, c.data.train_split, num),
-                        weights_path=c.eval.inception_weights, batch_size=c.eval.batch_size)
+  tag = f'{c.eval.inception_backend}_{provenance["weights_sha256"][:12]}'
+  references = [
+      fid.Reference(split, os.path.join(ctx.eval_dir, f'fid_reference_{dataset}_{split}_{num}_{tag}.npz'),
+                    lambda split=split: data.load_eval_images(c, split, num))
+      for split in dict.fromkeys((c.data.train_split, c.data.eval_split))]
+  result = fid.fid_report(samples, references, inception_fn, provenance, c.eval.batch_size,
+                          k=c.eval.precision_recall_k or None)
+  for record in result['provenance']['numbers'].values():
+    record['checkpoint_step'] = ctx.step
+  return result
 
 
 def digits_fid_metric(ctx: EvalContext) -> dict[str, Any]:
