@@ -25,20 +25,22 @@ Weights files accepted by `load_inception_variables` (never downloaded unless no
   preprocessing (`ResizeBilinear` size and mode, `Sub/y` = 128, `Mul/y` = 1/128).
 - a .npz of the converted Flax variables written by `save_inception_variables` (keys like
   `params/mixed_9/tower/mixed/conv/conv2d/kernel`).
-The converted tree is cached as `inception_fid_<sha256 of the .pb>.npz` in the cache directory
-(default ~/.cache/ddpm_jax).
+The converted tree is cached as `inception_fid_<sha256 of the .pb>[:16].npz` in the cache directory
+(default ~/.cache/ddpm_jax), the self-check's record beside it as `inception_fid_<...>.selfcheck.json`.
 
 Not accepted: pytorch-fid's `pt_inception-2015-12-05-*.pth` (PyTorch is not a dependency).
 
-NOT VERIFIED HERE (no network, so the real file was never opened; the converter is tested on a
-synthetic GraphDef in the same format): that the published graph uses exactly these node names,
-shapes and attributes (the converter raises, naming the node, if a node is missing or a kernel's
-shape differs, which also catches 1x7 vs 7x1 mix-ups), and the channel order of the branch
-concatenations (conv, tower, tower_1, tower_2, as in torchvision and pytorch-fid), which no shape
-check can see. Checked here: the layer names against the graph's published node listing, the
-parameter count against torchvision's InceptionV3 (21,785,568 in the conv/batch-norm layers), and
-the resize, pooling and conv/batch-norm ops against TensorFlow's. Expected but unverified: features
-equal to TTUR's up to float32 rounding.
+NOT VERIFIED HERE (no network, so the real file was never opened): that the published graph uses
+exactly these node names, shapes and attributes (the converter raises, naming the node, if a node is
+missing or a kernel's shape differs, which also catches 1x7 vs 7x1 mix-ups). What no shape check can
+see (the channel order of the branch concatenations, a pool's kind, whether an average pool counts
+the padding, the resize's pixel centres) is what the self-check is for: `load_checked_variables`
+runs this port and the graph itself (`inception_tf.py`, TensorFlow on the CPU) on fixed images the
+first time a weights file is used, and refuses the port if they differ by more than
+SELF_CHECK_TOLERANCE. The tests run it on a runnable synthetic graph with the published node names
+and ops (tests/inception_graph.py), where the port matches the graph to ~1e-6 relative, and inject
+each of those faults (the module switches TF1_LEGACY_RESIZE, AVG_POOL_COUNTS_PADDING, E_BLOCK_POOLS,
+`join`) to show the check refuses them.
 """
 
 from __future__ import annotations
