@@ -90,3 +90,23 @@ def test_notebook_runs_on_cpu_without_network(tmp_path):
   text = ''.join(o.get('text', '') for o in outputs)
   assert 'NETWORK is False: skipping the official checkpoint.' in text
   assert (tmp_path / 'run' / 'eval' / 'rate_distortion.png').exists()
+
+
+def test_final_summary_says_where_and_what(tmp_path):
+  """The lines after 'Final evaluation:' (the README's first command ends with them): one per artefact
+  or number, with the direction that is better and the real-data reference."""
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import jobs  # pylint: disable=g-import-not-at-top
+  config = digits.get_config()
+  (tmp_path / 'samples_2000.png').write_bytes(b'')
+  results = {'checkpoint_step': 2000,
+             'digits_fid': {'frechet_distance': 0.7685016375536833, 'floor_frechet_distance': 0.645666595805082,
+                            'classifier_is': 8.132831238362309, 'test_classifier_is': 9.19479199823901,
+                            'num_samples': 1000}}
+  lines = jobs.final_summary(config, str(tmp_path), results, 2000)
+  assert lines == [
+      f'Samples: {tmp_path}/samples_2000.png (100 EMA samples after step 2000)',
+      'digits Fréchet distance 0.7685 of 1000 samples (lower is better; the real-data floor is 0.6457)',
+      'classifier IS 8.13 (higher is better, at most 10; the held-out digits score 9.19)',
+      f'All metrics: {tmp_path}/eval/metrics.json',
+  ]
