@@ -311,3 +311,21 @@ def test_eval_job_fid_is_the_same_through_both_backends(synthetic_graph, tmp_pat
   assert numbers['fid_test']['reference_stats'].endswith('.npz') and '_test_8_' in numbers[
       'fid_test']['reference_stats']
   assert numbers['fid']['weights_sha256'] == inc.sha256_of(synthetic_graph)
+
+
+@pytest.mark.parametrize('field,value,allowed', [
+    ('inception_backend', 'torch', r"one of \('tf_graph', 'flax'\)"),
+    ('inception_backend', 'graph', r"one of \('tf_graph', 'flax'\)"),
+    ('precision_recall_k', 8, 'eval.fid_num_samples=8'),
+    ('precision_recall_k', -1, 'integer >= 0'),
+])
+def test_config_validates_the_fid_fields(field, value, allowed):
+  from conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  from ddpm_jax.config import validate_config  # pylint: disable=import-outside-toplevel
+  config = tiny_config()
+  config.eval.metrics = ('fid',)
+  config.eval.fid_num_samples = 8
+  validate_config(config, num_devices=1)
+  config.eval[field] = value
+  with pytest.raises(ValueError, match=rf'config\.eval\.{field}={value!r} is invalid: .*{allowed}'):
+    validate_config(config, num_devices=1)
