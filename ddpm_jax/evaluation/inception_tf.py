@@ -42,8 +42,13 @@ class TFGraphInception:
   def __init__(self, graph_def_path: str):
     from ddpm_jax.data.tfds_source import tf_cpu_only  # pylint: disable=g-import-not-at-top
     tf = tf_cpu_only()
-    from ddpm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
-    graph_def = inception.read_graph_def(graph_def_path)
+    graph_def = tf.compat.v1.GraphDef()
+    with open(graph_def_path, 'rb') as f:
+      try:
+        graph_def.ParseFromString(f.read())
+      except Exception as e:  # protobuf raises its own DecodeError
+        raise ValueError(f'Inception weights file {graph_def_path!r}: not a TF GraphDef ({e}); '
+                         'expected classify_image_graph_def.pb') from e
     self.graph_def_path = graph_def_path
     self._graph = tf.Graph()
     with self._graph.as_default():
