@@ -20,7 +20,9 @@ and of `keep_checkpoints`.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import logging as py_logging
 import os
 from typing import Any
 
@@ -190,8 +192,47 @@ def save(manager: ocp.CheckpointManager, state: TrainState, config: ml_collectio
   items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
   if data_iterator is not None and hasattr(data_iterator, 'save_state'):
     items[DATA] = DataIteratorSave(data_iterator)
-  manager.save(step, args=ocp.args.Composite(**items), force=True)
-  manager.wait_until_finished()
+  quiet = _OrbaxFailureFilter()
+  loggers = [py_logging.getLogger(name) for name in ('absl', 'asyncio')]
+  for logger in loggers:
+    logger.addFilter(quiet)
+  try:
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore: ValueError, OSError, ...)
+    # Leave the filter installed: orbax's failed asyncio tasks report again when they are collected.
+    raise _write_error(manager, step, e) from e
+  for logger in loggers:
+    logger.removeFilter(quiet)
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written; the previous checkpoints are intact."""
+
+
+class _OrbaxFailureFilter(py_logging.Filter):
+  """Drops orbax's error records (tracebacks of its writer threads and failed asyncio tasks) during a
+  save: the failure is raised once, as `CheckpointWriteError`, with the reason and what to do."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno < py_logging.ERROR:
+      return True
+    return f'{os.sep}orbax{os.sep}' not in record.pathname and 'orbax' not in record.getMessage()
+
+
+def _write_error(manager: ocp.CheckpointManager, step: int, e: Exception) -> CheckpointWriteError:
+  full = getattr(e, 'errno', None) == errno.ENOSPC or 'No space left on device' in str(e)
+  what = 'no space left on device' if full else _reason(e)
+  try:
+    manager.reload()
+    previous = [s for s in manager.all_steps() if s != step]
+  except Exception:  # pylint: disable=broad-except  (the message matters more than the list)
+    previous = []
+  resume = f'the last complete checkpoint, step {max(previous)}' if previous else 'step 0 (none is complete)'
+  return CheckpointWriteError(
+      f'the checkpoint of step {step} could not be written to {manager.directory}: {what}. '
+      f'{"Free some space or choose another --workdir" if full else "Fix the cause"}, then rerun: '
+      f'training resumes from {resume}.')
 
 
 def _step_path(manager: ocp.CheckpointManager, step: int) -> str:

@@ -290,8 +290,12 @@ def test_disk_full_during_save_raises_and_closes_the_checkpoint_manager(tmp_path
 
   monkeypatch.setattr(checkpoints.ocp.CheckpointManager, 'close', close)
   monkeypatch.setattr(checkpoints.DataIteratorHandler, 'save', no_space)
-  with pytest.raises(OSError, match='No space left on device'):
-    jobs.run('train', _train_config(2), str(tmp_path / 'full'))
+  workdir = str(tmp_path / 'full')
+  with pytest.raises(checkpoints.CheckpointWriteError,
+                     match=rf'the checkpoint of step 2 could not be written to {workdir}/checkpoints: no '
+                           'space left on device. Free some space or choose another --workdir, then '
+                           r'rerun: training resumes from step 0 \(none is complete\)'):
+    jobs.run('train', _train_config(2), workdir)
   assert closed
 
 
@@ -314,7 +318,8 @@ def test_main_prints_one_error_line_and_exits_cleanly(tmp_path):
   proc = subprocess.run([sys.executable, '-c', code, *args, f'--workdir={tmp_path / "full"}'],
                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 1
-  assert 'error: ' in proc.stderr and 'No space left on device' in proc.stderr
+  assert 'error: the checkpoint of step 2 could not be written' in proc.stderr
+  assert 'no space left on device' in proc.stderr
   assert 'Traceback' not in proc.stderr and 'Event loop is closed' not in proc.stderr
   (tmp_path / 'file').write_text('')
   proc = subprocess.run([sys.executable, 'main.py', *args, f'--workdir={tmp_path / "file"}'],

@@ -9,6 +9,7 @@ are functions of (seed, step), the resumed run is bit-identical to an uninterrup
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import threading
@@ -103,11 +104,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
   manager = checkpoints.create_manager(workdir, keep=config.training.keep_checkpoints)
   start_step = manager.latest_step() or 0
   try:
-    return _train(config, workdir, mesh, manager, start_step, data_iterator)
-  finally:
+    state = _train(config, workdir, mesh, manager, start_step, data_iterator)
+  except BaseException:
     # Also on an error: orbax's background threads stop here, not in the interpreter's shutdown
-    # (where they would print tracebacks after the error message).
-    manager.close()
+    # (where they would print tracebacks after the error message); the error in flight is the one
+    # to report.
+    with contextlib.suppress(Exception):
+      manager.close()
+    raise
+  manager.close()
+  return state
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager: Any, start_step: int,
