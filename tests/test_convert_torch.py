@@ -24,9 +24,6 @@ from conftest import REPO_ROOT
 from ddpm_jax.models import convert_torch, layers, torch_zip, unet
 from torch_zip_writer import GlobalCall, Parameter, View, write_torch_zip
 
-_HAS_LABELS = 'num_classes' in unet.UNet.__dataclass_fields__  # the class-conditional UNet option
-
-
 # --------------------------------------------------------------- improved-diffusion's UNetModel, restated
 
 
@@ -301,7 +298,7 @@ def tiny_unet(**kw):
 def template(model, image_size=8, in_ch=3):
   x = jnp.zeros((1, image_size, image_size, in_ch))
   t = jnp.zeros((1,), jnp.int32)
-  args = (x, t) + ((jnp.zeros((1,), jnp.int32),) if getattr(model, 'num_classes', 0) else ())
+  args = (x, t) + ((jnp.zeros((1,), jnp.int32),) if model.num_classes else ())
   return jax.eval_shape(lambda: model.init(jax.random.key(0), *args, train=False))['params']
 
 
@@ -314,8 +311,7 @@ def torch_shapes(params_template, num_heads):
 
 TINY = [
     pytest.param(dict(attn_resolutions=(8, 4), num_heads=2, scale_shift_norm=True, num_classes=3),
-                 id='scale_shift-2heads-labels',
-                 marks=pytest.mark.skipif(not _HAS_LABELS, reason='UNet has no num_classes yet')),
+                 id='scale_shift-2heads-labels'),
     pytest.param(dict(attn_resolutions=(8, 4), num_heads=2, scale_shift_norm=True),
                  id='scale_shift-2heads'),
     pytest.param(dict(attn_resolutions=(4,), num_heads=1, scale_shift_norm=False, ch_mult=(1, 2, 2)),
@@ -395,8 +391,6 @@ def test_reader_refuses_views_outside_their_storage_and_non_zip_files(tmp_path):
 def test_released_config_has_improved_diffusions_names_shapes_and_parameter_count(name):
   file, flags, named = RELEASED[name]
   config = importlib.import_module(f'configs.{name}').get_config()
-  if flags['num_classes'] and not _HAS_LABELS:
-    pytest.skip('UNet has no num_classes yet')
   params = unet.param_shapes(config)
   expected = iddpm_param_count(**_arch(flags))
   assert unet.count_params(params) == expected
@@ -421,10 +415,7 @@ def test_cifar10_count_is_improved_diffusions_52_546_438():
 def test_released_configs_validate():
   from ddpm_jax.config import validate_config  # pylint: disable=import-outside-toplevel
   for name in RELEASED:
-    config = importlib.import_module(f'configs.{name}').get_config()
-    if config.model.num_classes and not _HAS_LABELS:
-      continue
-    validate_config(config)
+    validate_config(importlib.import_module(f'configs.{name}').get_config())
 
 
 # ----------------------------------------------------------------------------- conversion, tiny nets
