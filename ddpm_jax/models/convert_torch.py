@@ -36,8 +36,9 @@ Params = Any
 # Torch module kinds: how each converts. 'qkv' maps one torch module onto three Flax modules.
 _RESBLOCK = (('norm1', 'in_layers.0', 'norm'), ('conv1', 'in_layers.2', 'conv'),
              ('temb_proj', 'emb_layers.1', 'linear'), ('norm2', 'out_layers.0', 'norm'),
-             ('conv2', 'out_layers.3', 'conv'), ('nin_shortcut', 'skip_connection', 'conv1x1'))
-_ATTN = (('norm', 'norm', 'norm'), ('proj_out', 'proj_out', 'conv1x1'))
+             ('conv2', 'out_layers.3', 'conv'), ('nin_shortcut', 'skip_connection', 'conv2d_1x1'))
+_ATTN = (('norm', 'norm', 'norm'), ('proj_out', 'proj_out', 'conv1d_1x1'))
+_ONE_BY_ONE = {'conv2d_1x1': 2, 'conv1d_1x1': 1}  # spatial dims of the torch weight [O, I, 1...]
 
 
 def _count(tree: Mapping[str, Any], prefix: str) -> int:
@@ -110,7 +111,9 @@ def _to_flax(kind: str, w: np.ndarray, b: np.ndarray | None, num_heads: int) -> 
     return {('kernel',): w.T, ('bias',): b}
   if kind == 'conv':
     return {('kernel',): w.transpose(2, 3, 1, 0), ('bias',): b}
-  if kind == 'conv1x1':  # Conv2d / Conv1d with a 1-wide kernel: [O, I, 1(, 1)] -> Dense [I, O]
+  if kind in _ONE_BY_ONE:  # Conv2d / Conv1d with a 1-wide kernel: [O, I, 1(, 1)] -> Dense [I, O]
+    if w.shape[2:] != (1,) * _ONE_BY_ONE[kind]:
+      raise ValueError(f'expected a 1x1 kernel, got weight {w.shape}')
     return {('kernel',): w.reshape(w.shape[:2]).T, ('bias',): b}
   if kind == 'qkv':
     c = w.shape[1]
@@ -132,8 +135,9 @@ def _from_flax(kind: str, module: Mapping[str, Any], num_heads: int) -> dict[str
     return {'weight': m['kernel'].T, 'bias': m['bias']}
   if kind == 'conv':
     return {'weight': m['kernel'].transpose(3, 2, 0, 1), 'bias': m['bias']}
-  if kind == 'conv1x1':
-    raise ValueError('conv1x1 needs the torch rank')  # handled by the caller
+  if kind in _ONE_BY_ONE:
+    kernel = m['kernel'].T
+    return {'weight': kernel.reshape(kernel.shape + (1,) * _ONE_BY_ONE[kind]), 'bias': m['bias']}
   if kind == 'qkv':
     c = np.asarray(m['q']['kernel']).shape[0]
     d = c // num_heads
@@ -204,13 +208,6 @@ def flax_to_torch(params: Params, num_heads: int) -> dict[str, np.ndarray]:
   """The inverse of `torch_to_flax`: improved-diffusion's state dict of these parameters."""
   sd = {}
   for path, name, kind in module_map(params):
-    module = _dig(params, path)
-    if kind == 'conv1x1':  # skip_connection is a Conv2d [O, I, 1, 1], proj_out a Conv1d [O, I, 1]
-      rank = 4 if name.endswith('skip_connection') else 3
-      kernel = np.asarray(module['kernel']).T
-      sd[f'{name}.weight'] = kernel.reshape(kernel.shape + (1,) * (rank - 2))
-      sd[f'{name}.bias'] = np.asarray(module['bias'])
-      continue
-    for leaf, value in _from_flax(kind, module, num_heads).items():
+    for leaf, value in _from_flax(kind, _dig(params, path), num_heads).items():
       sd[f'{name}.{leaf}'] = np.asarray(value)
   return sd
