@@ -110,3 +110,16 @@ def test_final_summary_says_where_and_what(tmp_path):
       'classifier IS 8.13 (higher is better, at most 10; the held-out digits score 9.19)',
       f'All metrics: {tmp_path}/eval/metrics.json',
   ]
+
+
+def test_main_starts_without_tensorflow_or_backend_noise(tmp_path):
+  """The README's first command shows a newcomer no TF C++ start-up lines (oneDNN notice, absl's
+  InitializeLog warning) and no JAX TPU probe; --verbosity=1 shows them (not asserted: they depend on
+  the machine). A bad config value stops the run right after the set-up that would print them."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  cmd = [sys.executable, os.path.join(REPO_ROOT, 'main.py'), '--config=configs/tiny.py',
+         f'--workdir={tmp_path}', '--config.diffusion.beta_schedule=linaer']
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, check=False)
+  assert proc.returncode != 0 and "diffusion.beta_schedule='linaer'" in proc.stderr, proc.stderr[-3000:]
+  for noise in ('oneDNN', 'absl::InitializeLog', "Unable to initialize backend 'tpu'"):
+    assert noise not in proc.stderr + proc.stdout, noise
