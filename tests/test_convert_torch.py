@@ -551,3 +551,14 @@ def test_command_line_writes_a_workdir_that_sample_and_eval_load(tmp_path):
   assert 'EVAL' in result.stdout
   from ddpm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   assert os.path.isdir(workdir_lib.checkpoint_dir(workdir))
+
+
+def test_conventions_field_is_validated_and_defaults_to_ddpm():
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from ddpm_jax.config import validate_config  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  assert config.model.conventions == 'diffusion_tf' and unet.create_model(config).conventions == 'diffusion_tf'
+  config.model.conventions = 'pytorch'
+  with pytest.raises(ValueError, match=r"config.model.conventions='pytorch' is invalid: allowed: "
+                                       r"\('diffusion_tf', 'improved_diffusion'\)"):
+    validate_config(config)
