@@ -17,9 +17,11 @@ from conftest import REPO_ROOT
 # of a layer listed after it. A module belongs to the longest prefix that names it or its package.
 LAYERS = {
     # Pure maths and plumbing; `ddpm_jax` itself (the root __init__) sits here and imports nothing.
-    'core': ['ddpm_jax', 'ddpm_jax.diffusion', 'ddpm_jax.parallel', 'ddpm_jax.streams', 'ddpm_jax.images'],
+    'core': ['ddpm_jax', 'ddpm_jax.diffusion', 'ddpm_jax.parallel', 'ddpm_jax.streams'],
+    # images.py writes PNGs through workdir.atomic_write, so it is a library, not core.
     'libraries': ['ddpm_jax.data', 'ddpm_jax.models', 'ddpm_jax.sampling', 'ddpm_jax.evaluation',
-                  'ddpm_jax.train', 'ddpm_jax.checkpoints', 'ddpm_jax.workdir', 'ddpm_jax.config'],
+                  'ddpm_jax.train', 'ddpm_jax.checkpoints', 'ddpm_jax.workdir', 'ddpm_jax.images',
+                  'ddpm_jax.config'],
     'jobs': ['ddpm_jax.jobs'],
     # Command lines: `python main.py`, `python -m ddpm_jax.convert_tf_checkpoint` (and _torch_).
     'entry': ['main', 'ddpm_jax.convert_tf_checkpoint', 'ddpm_jax.convert_torch_checkpoint'],

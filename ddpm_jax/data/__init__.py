@@ -12,7 +12,8 @@ from ddpm_jax.data.pipeline import InMemoryIterator, StreamingIterator, TrainIte
 from ddpm_jax.data.pipeline import create_train_iterator, load_eval_images
 from ddpm_jax.data.preprocess import to_model_range, to_uint8
 from ddpm_jax.data.sources import Source, resolve_source
-from ddpm_jax.data.tfds_source import DatasetUnavailableError, tf_cpu_only
+from ddpm_jax.data.tf_cpu import tf_cpu_only
+from ddpm_jax.data.tfds_source import DatasetUnavailableError
 
 __all__ = [
     'DatasetUnavailableError', 'IMAGE_EXTENSIONS', 'InMemoryIterator', 'Source',

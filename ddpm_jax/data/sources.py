@@ -16,6 +16,8 @@ import dataclasses
 
 import ml_collections
 
+from ddpm_jax.data.tf_cpu import tf_cpu_only
+
 DIGITS = 'digits'
 IMAGE_FOLDER = 'image_folder'
 TFDS = 'tfds'
@@ -63,8 +65,7 @@ def is_registered_tfds_name(name: str) -> bool:
   """Whether tfds knows `name`; only a name outside the table imports tensorflow_datasets."""
   if tfds_base_name(name) in _TFDS_SOURCES:
     return True
-  from ddpm_jax.data import tfds_source  # pylint: disable=g-import-not-at-top  (imports this module)
-  tfds_source.tf_cpu_only()  # tfds imports TF: keep it off the accelerators
+  tf_cpu_only()  # tfds imports TF: keep it off the accelerators
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     tfds.builder_cls(tfds_base_name(name))

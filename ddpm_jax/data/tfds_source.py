@@ -1,8 +1,7 @@
 """TensorFlow Datasets sources: preparing a builder with useful errors, and the tf.data pipelines.
 
-TF is only a data loader here, so it must never claim an accelerator that JAX is about to use:
-`tf_cpu_only()` hides GPUs and TPUs from TF and is called when `ddpm_jax.data` is imported, before
-TF builds anything.
+TF is only a data loader here, so it must never claim an accelerator that JAX is about to use: every
+function here calls `tf_cpu_only()` (data/tf_cpu.py) before TF builds anything.
 
 Both paths decode with the builder's own `image` feature (tfds stores PNG / JPEG bytes) and fit the
 image with the same TF function, so in-memory and streamed batches of one dataset agree pixel for
@@ -12,7 +11,6 @@ the iterator checkpoints save) then holds compressed images.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import types
@@ -23,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from ddpm_jax.data.sources import Source
+from ddpm_jax.data.tf_cpu import tf_cpu_only
 
 if TYPE_CHECKING:
   import ml_collections
@@ -37,20 +36,6 @@ _MESSAGE_CHARS = 400
 
 class DatasetUnavailableError(RuntimeError):
   """A tfds dataset is not prepared in data.data_dir and tfds could not prepare it."""
-
-
-@functools.cache
-def tf_cpu_only() -> types.ModuleType:
-  """Imports TensorFlow with every GPU / TPU hidden from it (idempotent); returns the tf module."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-    tf.config.set_visible_devices([], 'TPU')
-  except RuntimeError as e:
-    # Raised once TF has initialised its devices (TF ops ran before ddpm_jax.data was imported).
-    logging.warning('Could not hide accelerators from TensorFlow (%s); import ddpm_jax.data before '
-                    'anything runs TF ops so that TF leaves GPU/TPU memory to JAX.', e)
-  return tf
 
 
 def _short(error: BaseException) -> str:

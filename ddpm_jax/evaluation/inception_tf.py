@@ -40,7 +40,7 @@ class TFGraphInception:
   """
 
   def __init__(self, graph_def_path: str):
-    from ddpm_jax.data.tfds_source import tf_cpu_only  # pylint: disable=g-import-not-at-top
+    from ddpm_jax.data.tf_cpu import tf_cpu_only  # pylint: disable=g-import-not-at-top
     tf = tf_cpu_only()
     graph_def = tf.compat.v1.GraphDef()
     with open(graph_def_path, 'rb') as f:

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from ddpm_jax import parallel, workdir as workdir_lib
 from ddpm_jax.config import validate_config
-from ddpm_jax.data import tfds_source
+from ddpm_jax.data.tf_cpu import tf_cpu_only
 from ddpm_jax.jobs import evaluate, interpolate, progressive, sample, train
 
 Job = Callable[[ml_collections.ConfigDict, str, Mesh], Any]
@@ -34,7 +34,7 @@ def setup(config: ml_collections.ConfigDict) -> Mesh:
   the mesh of all devices and validates the whole config against it. Returns the mesh.
   """
   parallel.maybe_initialize_distributed(config.training.distributed)
-  tfds_source.tf_cpu_only()
+  tf_cpu_only()
   mesh = parallel.create_mesh()
   validate_config(config, num_devices=mesh.devices.size, num_processes=jax.process_count())
   logging.info('JAX %s: process %d/%d, %d local / %d global devices (%s)', jax.__version__,
