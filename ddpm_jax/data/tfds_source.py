@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
-from absl import logging
 
 from ddpm_jax.data.sources import Source
 from ddpm_jax.data.tf_cpu import tf_cpu_only
