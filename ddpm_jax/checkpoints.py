@@ -265,7 +265,7 @@ def _restore_newest(manager: ocp.CheckpointManager, config: ml_collections.Confi
     ValueError: the newest readable step does not fit `config` (every differing field is named).
     DamagedCheckpointError: steps exist but none restores; lists each step and why.
   """
-  failures = []
+  failures, first_diffs = [], None
   for step in sorted(manager.all_steps(), reverse=True):
     path = _step_path(manager, step)
     try:
@@ -277,6 +277,7 @@ def _restore_newest(manager: ocp.CheckpointManager, config: ml_collections.Confi
     check_compatible(meta, config, path)
     saved_config = _saved_config(meta, str(manager.directory))
     diffs = config_differences(saved_config, config) if saved_config is not None else []
+    first_diffs = diffs if first_diffs is None else first_diffs
     if any('changes the structure' in d for d in diffs):
       raise ValueError(f'checkpoint {path} cannot be restored with this config: fields that change the '
                        'structure of the train state differ from the config it was saved with; set '
@@ -301,6 +302,8 @@ def _restore_newest(manager: ocp.CheckpointManager, config: ml_collections.Confi
   if not failures:
     return None
   lines = [f'step {step} ({path}): {reason}' for step, path, reason in failures]
+  if first_diffs:  # every step failing alike may be a change of config rather than damage
+    lines.append('fields that differ from the config of the newest step:\n    ' + '\n    '.join(first_diffs))
   raise DamagedCheckpointError(
       f'no checkpoint in {manager.directory} restores completely; move the damaged steps aside (or '
       'use another --workdir) to start from scratch. Steps tried:\n  ' + '\n  '.join(lines))
