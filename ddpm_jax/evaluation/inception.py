@@ -748,7 +748,10 @@ def port_outputs(variables: Variables, batches: Sequence[np.ndarray]) -> tuple[n
   all, so checking inputs of several sizes costs one compile of the big graph.
   """
   model = InceptionV3()
-  x = jnp.concatenate([jax.jit(preprocess)(b) for b in batches])
+  # Fresh jitted functions: JAX caches traces by function, and a check must trace the port as it
+  # is now (the module switches are read at trace time).
+  resize = jax.jit(lambda images: preprocess(images))  # noqa: PLW0108
+  x = jnp.concatenate([resize(b) for b in batches])
   pool, logits = jax.jit(functools.partial(model.apply, method=InceptionV3.network))(variables, x)
   return np.asarray(pool), np.asarray(logits)
 
