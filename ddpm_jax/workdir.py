@@ -53,6 +53,12 @@ SAMPLE_META_FIELDS = ('seed', 'method', 'timestep_respacing', 'ddim_eta', 'clip_
 
 # --- writing ---------------------------------------------------------------------------------------
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = 'wb', **open_kwargs: Any) -> Iterator[IO]:
   """Opens a temporary file beside `path`; renames it to `path` when the block ends without error.
@@ -64,6 +70,8 @@ def atomic_write(path: str, mode: str = 'wb', **open_kwargs: Any) -> Iterator[IO
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
   try:
+    # mkstemp makes the file private (0600); give it the mode an ordinary open() would (0666 & ~umask).
+    os.chmod(tmp, 0o666 & ~_umask())
     with os.fdopen(fd, mode, **open_kwargs) as f:
       yield f
     os.replace(tmp, path)

@@ -177,3 +177,17 @@ def test_image_folder_class_labels(tmp_path):
   Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / 'train' / 'loose.png')
   with pytest.raises(ValueError, match='one sub-folder per class'):
     image_folder.class_labels(str(root), 'train')
+
+
+def test_training_job_trains_a_class_conditional_model(tmp_path):
+  """The train job feeds (images, labels) batches to the real train step and resumes like any run."""
+  config = _config()
+  config.training.num_train_steps = 2
+  config.training.num_grid_samples = 4
+  state = jobs.run('train', config, str(tmp_path / 'run'))
+  assert int(state.step) == 2 and int(state.nonfinite_step) == -1
+  embedding = np.asarray(state.params['label_emb']['embedding'])
+  _, init = _params(config)
+  assert embedding.shape == (NUM_CLASSES, 4 * config.model.ch)
+  assert not np.allclose(embedding, np.asarray(init['label_emb']['embedding']))
+  assert os.path.exists(os.path.join(str(tmp_path / 'run'), 'samples_2.png'))

@@ -153,7 +153,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager:
   try:
     for step in range(start_step + 1, num_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch = parallel.shard_batch(next(data_iterator), mesh)
+        # images, or (images, labels) for a class-conditional model: each split over `data`.
+        batch = jax.tree.map(lambda x: parallel.shard_batch(x, mesh), next(data_iterator))
         state, metrics = train_step(state, batch, train_key)
       metric_sum = metrics if metric_sum is None else _accumulate(metric_sum, metrics)
       metric_count += 1

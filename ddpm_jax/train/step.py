@@ -39,17 +39,24 @@ def _sample_timesteps(state: TrainState, key: jax.Array, batch_size: int, num_ti
 
 def make_train_step(model: Any,
                     coefs: diffusion.DiffusionCoefficients) -> Callable[..., tuple[TrainState, Metrics]]:
-  """Returns the pure `train_step(state, batch [B, H, W, C] in [-1, 1], base_key) -> (state, metrics)`."""
+  """Returns the pure `train_step(state, batch, base_key) -> (state, metrics)`.
+
+  batch: images [B, H, W, C] in [-1, 1], or (images, labels int [B]) for a class-conditional model
+  (`model.num_classes > 0`; the labels are bound to the network call, the diffusion never sees them).
+  """
   num_timesteps = coefs.num_timesteps
 
-  def train_step(state: TrainState, batch: jax.Array, base_key: jax.Array) -> tuple[TrainState, Metrics]:
+  def train_step(state: TrainState, batch: Any, base_key: jax.Array) -> tuple[TrainState, Metrics]:
+    images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
+    conditioning = () if labels is None else (labels,)
     t_key, noise_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, state.step), 3)
-    t, weights = _sample_timesteps(state, t_key, batch.shape[0], num_timesteps)
+    t, weights = _sample_timesteps(state, t_key, images.shape[0], num_timesteps)
 
     def loss_fn(params):
       def model_fn(x_t, t_model):
-        return model.apply({'params': params}, x_t, t_model, train=True, rngs={'dropout': dropout_key})
-      terms = diffusion.training_losses(coefs, model_fn, batch, t, noise_key)
+        return model.apply({'params': params}, x_t, t_model, *conditioning, train=True,
+                           rngs={'dropout': dropout_key})
+      terms = diffusion.training_losses(coefs, model_fn, images, t, noise_key)
       return jnp.mean(terms['loss'] * weights), terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
