@@ -42,6 +42,10 @@ COMPATIBILITY_FIELDS = ('model', 'diffusion', 'data.image_size', 'data.num_chann
 # Recorded, but free to change between runs: how the network is computed, not what it computes
 # (e.g. train in float32, sample in bfloat16 with cuDNN attention).
 RUNTIME_FIELDS = frozenset({'model.dtype', 'model.attn_implementation'})
+# Fields added to the config after checkpoints were first written: a checkpoint that does not record
+# one was made with this value (so checkpoints of earlier versions still restore).
+ADDED_FIELD_DEFAULTS = {'model.num_classes': 0, 'model.conventions': 'diffusion_tf',
+                        'diffusion.rescale_timesteps': False, 'diffusion.rescale_learned_sigmas': False}
 STATE, DATA, META = 'state', 'data', 'meta'
 # The meta item's record of the whole config the step was saved with (not checked: only reported).
 CONFIG_KEY = 'config'
@@ -108,10 +112,15 @@ def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
   return {prefix: tree}
 
 
+def _with_added_defaults(flat: dict[str, Any]) -> dict[str, Any]:
+  """A flat saved record with the fields added since it was written set to the value it was made with."""
+  return {**ADDED_FIELD_DEFAULTS, **flat}
+
+
 def check_compatible(saved: dict[str, Any], config: ml_collections.ConfigDict, path: str) -> None:
   """Raises ValueError listing every field where `config` differs from the checkpoint's."""
   saved = {k: v for k, v in saved.items() if k != CONFIG_KEY}
-  current, saved = _flatten(compatibility_meta(config)), _flatten(_lists(saved))
+  current, saved = _flatten(compatibility_meta(config)), _with_added_defaults(_flatten(_lists(saved)))
   diffs = [f'{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}'
            for k in sorted((set(current) | set(saved)) - RUNTIME_FIELDS)
            if current.get(k) != saved.get(k)]
@@ -141,7 +150,8 @@ def changes_state_structure(field: str, saved: Any, current: Any) -> bool:
 def config_differences(saved_config: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
   """One line per field where `config` differs from `saved_config` (a config record), saying whether
   the field changes the train state's structure or may change between runs."""
-  saved, current = _flatten(_lists(saved_config)), _flatten(_lists(_config_record(config)))
+  saved = _with_added_defaults(_flatten(_lists(saved_config)))
+  current = _flatten(_lists(_config_record(config)))
   lines = []
   for k in sorted(set(saved) | set(current)):
     if saved.get(k) != current.get(k):

@@ -1,6 +1,7 @@
 """Training: the pure step's pieces, exact resume, preemption, NaN handling, 1 vs 8 devices, 2 processes."""
 
 import collections
+import json
 import os
 import signal
 import socket
@@ -271,3 +272,21 @@ def test_two_processes_with_jax_distributed_agree(tmp_path):
   ref = np.load(single)
   for key in a.files:
     np.testing.assert_allclose(a[key], ref[key], rtol=2e-4, atol=2e-6)
+
+
+def test_checkpoints_written_before_newer_config_fields_still_restore(tmp_path):
+  """A checkpoint whose meta predates model.num_classes, model.conventions and diffusion.rescale_* was
+  made with their defaults: it restores; a config that sets one of them differently is refused."""
+  config, _ = _run(tmp_path, 'run', 2)
+  meta_path = tmp_path / 'run' / 'checkpoints' / '2' / 'meta' / 'metadata'
+  meta = json.loads(meta_path.read_text())
+  for field in checkpoints.ADDED_FIELD_DEFAULTS:
+    section, key = field.split('.')
+    del meta[section][key]
+  meta.pop(checkpoints.CONFIG_KEY, None)
+  meta_path.write_text(json.dumps(meta))
+  _, _, step = checkpoints.restore_for_inference(str(tmp_path / 'run'), config, parallel.create_mesh())
+  assert step == 2
+  config.model.num_classes = 10
+  with pytest.raises(ValueError, match=r'model\.num_classes: checkpoint has 0, config has 10'):
+    checkpoints.restore_for_inference(str(tmp_path / 'run'), config, parallel.create_mesh())
