@@ -33,7 +33,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from ddpm_jax import parallel, workdir as workdir_lib
+from ddpm_jax import parallel
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.train.state import TrainState, create_train_state
 
 # Fields of the config that a checkpoint must agree with (everything else may change on resume).

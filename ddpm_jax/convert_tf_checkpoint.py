@@ -10,15 +10,12 @@ the same network (configs/cifar10.py for the CIFAR10 model, configs/celeba_hq.py
 256x256 ones).
 """
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ddpm_jax import checkpoints
 from ddpm_jax.config import validate_config
-from ddpm_jax.models import convert_tf
-from ddpm_jax.models import unet
+from ddpm_jax.models import convert_tf, unet
 
 _CONFIG = config_flags.DEFINE_config_file('config', None,
                                           'Experiment config, e.g. configs/cifar10.py.',

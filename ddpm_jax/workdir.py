@@ -30,7 +30,8 @@ import tempfile
 import time
 import zipfile
 import zlib
-from typing import IO, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import IO, Any
 
 import ml_collections
 import numpy as np

@@ -7,14 +7,13 @@ images) or generated into a tmp dir by a tiny local builder; image folders are w
 import os
 import re
 
-from configs import celeba_hq, cifar10, cifar10_iddpm, default, digits, lsun_bedroom, lsun_church
-from configs import mnist
 import numpy as np
-from PIL import Image
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
+from configs import celeba_hq, cifar10, cifar10_iddpm, default, digits, lsun_bedroom, lsun_church, mnist
 from ddpm_jax import data
 from ddpm_jax.config import validate_config
 

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config, write_checkpoint
-from ddpm_jax import data, jobs, workdir as workdir_lib
+from ddpm_jax import data, jobs
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.jobs import interpolate as interpolate_job
 from ddpm_jax.jobs import progressive as progressive_job
 from ddpm_jax.jobs import sample as sample_job

@@ -25,7 +25,6 @@ import tarfile
 import threading
 import zipfile
 
-from configs import celeba_hq, cifar10, lsun_church, mnist
 import numpy as np
 import pytest
 import requests
@@ -36,6 +35,7 @@ from tensorflow_datasets.image import lsun as tfds_lsun
 from tensorflow_datasets.image_classification import cifar as tfds_cifar
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
+from configs import celeba_hq, cifar10, lsun_church, mnist
 from ddpm_jax import data
 from ddpm_jax.data import prepare as prepare_cli
 from ddpm_jax.data import tfds_source
@@ -293,7 +293,7 @@ def test_issue18_missing_module_is_found_in_the_chain():
   try:
     try:
       # pylint: disable-next=g-import-not-at-top,unused-import,import-outside-toplevel
-      import ddpm_jax_no_such_module
+      import ddpm_jax_no_such_module  # noqa: F401  (the import error is the point)
     except ImportError as e:
       raise RuntimeError('wrapped') from e
   except RuntimeError as e:

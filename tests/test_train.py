@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, run_with_devices
 from configs import tiny
+from conftest import REPO_ROOT, run_with_devices
 from ddpm_jax import checkpoints, data, diffusion, jobs, models, parallel
 from ddpm_jax.jobs import train as train_job
-from ddpm_jax.train import state as state_lib, step as step_lib
+from ddpm_jax.train import state as state_lib
+from ddpm_jax.train import step as step_lib
 
 
 def _leaves(tree):

@@ -8,8 +8,13 @@ first too (it is idempotent).
 
 from ddpm_jax.data.digits import load_digits_split
 from ddpm_jax.data.image_folder import IMAGE_EXTENSIONS, list_image_files, load_image_folder
-from ddpm_jax.data.pipeline import InMemoryIterator, StreamingIterator, TrainIterator
-from ddpm_jax.data.pipeline import create_train_iterator, load_eval_images
+from ddpm_jax.data.pipeline import (
+    InMemoryIterator,
+    StreamingIterator,
+    TrainIterator,
+    create_train_iterator,
+    load_eval_images,
+)
 from ddpm_jax.data.preprocess import to_model_range, to_uint8
 from ddpm_jax.data.sources import Source, resolve_source
 from ddpm_jax.data.tf_cpu import tf_cpu_only

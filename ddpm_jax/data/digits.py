@@ -16,7 +16,7 @@ DIGITS_SPLITS = ('train', 'test')
 NUM_TEST = 360
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _all_digits() -> tuple[np.ndarray, np.ndarray]:
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   bunch = load_digits()

@@ -11,14 +11,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from ddpm_jax import parallel, workdir as workdir_lib
+from ddpm_jax import parallel
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.config import validate_config
 from ddpm_jax.data.tf_cpu import tf_cpu_only
 from ddpm_jax.jobs import evaluate, interpolate, progressive, sample, train

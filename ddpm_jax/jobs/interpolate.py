@@ -6,7 +6,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpoints, data, images, models, parallel, sampling, workdir as workdir_lib
+from ddpm_jax import checkpoints, data, images, models, parallel, sampling
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.sampling import interpolation
 from ddpm_jax.streams import INTERPOLATION_STREAM, stream_key
 

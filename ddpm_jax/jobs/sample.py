@@ -16,7 +16,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpoints, images, models, parallel, sampling, workdir as workdir_lib
+from ddpm_jax import checkpoints, images, models, parallel, sampling
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.sampling.generate import generate_uint8
 from ddpm_jax.streams import SAMPLE_STREAM, stream_key
 

@@ -13,7 +13,8 @@ import contextlib
 import functools
 import signal
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,8 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpoints, data, diffusion, images, models, parallel, sampling, workdir as workdir_lib
+from ddpm_jax import checkpoints, data, diffusion, images, models, parallel, sampling
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.streams import GRID_STREAM, INIT_STREAM, TRAIN_STREAM, stream_key
 from ddpm_jax.train import TrainState, create_train_state, jit_train_step
 

@@ -13,10 +13,11 @@ Only `load_tf_checkpoint` / `save_tf_checkpoint` need TensorFlow (imported lazil
 visible); the mapping itself is numpy.
 """
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from flax import traverse_util
 import numpy as np
+from flax import traverse_util
 
 TF_PREFIX = 'model/'
 EMA_SUFFIX = '/ExponentialMovingAverage'

@@ -7,7 +7,8 @@ mesh. Its randomness is `fold_in(base_key, state.step)`, so a run is a pure func
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
