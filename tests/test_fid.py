@@ -329,3 +329,41 @@ def test_config_validates_the_fid_fields(field, value, allowed):
   config.eval[field] = value
   with pytest.raises(ValueError, match=rf'config\.eval\.{field}={value!r} is invalid: .*{allowed}'):
     validate_config(config, num_devices=1)
+
+
+def test_fid_metric_feeds_samples_and_both_splits(tmp_path, monkeypatch):
+  """The eval job's fid metric (moved here from test_evaluate, whose fake of fid_and_is predates the
+  backends): samples, the train then the test images, the batch size, per-backend reference files."""
+  from conftest import tiny_config, write_checkpoint  # pylint: disable=import-outside-toplevel
+  from ddpm_jax import data, jobs  # pylint: disable=import-outside-toplevel
+  seen = {}
+
+  def fake_make_inception(backend, weights_path, cache_dir=None, self_check=True):
+    seen.update(backend=backend, weights=weights_path, self_check=self_check)
+    return _fake_apply([]), {'backend': backend, 'weights_sha256': 'cd' * 32}
+
+  def fake_report(samples, references, inception_fn, provenance, batch_size, num_splits, k):
+    seen.update(samples=samples, references=[(r.name, r.stats_path, r.images_fn())
+                                             for r in references], batch_size=batch_size, k=k,
+                num_splits=num_splits)
+    return {'fid': 1.5, 'provenance': {'numbers': {'fid': {}}}}
+
+  monkeypatch.setattr(fid, 'make_inception', fake_make_inception)
+  monkeypatch.setattr(fid, 'fid_report', fake_report)
+  config = tiny_config()
+  config.eval.metrics = ('fid',)
+  config.eval.fid_num_samples = 8
+  workdir = str(tmp_path / 'run')
+  write_checkpoint(workdir, config)
+  metrics = jobs.run('eval', config, workdir)
+  assert metrics['fid']['fid'] == 1.5
+  assert metrics['fid']['provenance']['numbers']['fid']['checkpoint_step'] == 0
+  assert seen['backend'] == 'flax' and seen['self_check'] and seen['weights'] is None
+  assert seen['samples'].shape == (8, 8, 8, 1) and seen['samples'].dtype == np.uint8
+  (train, train_path, train_images), (test, test_path, test_images) = seen['references']
+  assert (train, test) == ('train', 'test')
+  np.testing.assert_array_equal(train_images, data.load_eval_images(config, 'train', 8))
+  np.testing.assert_array_equal(test_images, data.load_eval_images(config, 'test', 8))
+  assert train_path.endswith('fid_reference_digits_train_8_flax_' + 'cd' * 6 + '.npz')
+  assert test_path.endswith('fid_reference_digits_test_8_flax_' + 'cd' * 6 + '.npz')
+  assert seen['batch_size'] == 4 and seen['k'] == 5 and seen['num_splits'] == 8
