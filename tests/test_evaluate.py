@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, write_checkpoint
-from ddpm_jax import data, jobs
+from ddpm_jax import jobs
 from ddpm_jax.evaluation import bpd as bpd_lib
-from ddpm_jax.evaluation import digits_metric, fid
+from ddpm_jax.evaluation import digits_metric
 from ddpm_jax.jobs import evaluate as evaluate_job
 
 
@@ -74,24 +74,6 @@ def test_evaluate_writes_every_metric_and_skips_saved_ones_on_rerun(workdir, mon
     json.dump(metrics, f)
   again = _evaluate(_config(), workdir)
   assert again['rate_distortion'] == rd
-
-
-def test_fid_metric_feeds_samples_and_training_images(workdir, monkeypatch):
-  seen = {}
-
-  def fake_fid_and_is(samples, reference_path, reference_fn, weights_path=None, batch_size=100):
-    seen.update(samples=samples, reference=reference_fn(), path=reference_path,
-                weights=weights_path, batch_size=batch_size)
-    return {'fid': 1.5, 'inception_score': 2.0, 'inception_score_std': 0.1,
-            'num_samples': len(samples)}
-  monkeypatch.setattr(fid, 'fid_and_is', fake_fid_and_is)
-  config = _config()
-  config.eval.metrics = ('fid',)
-  metrics = _evaluate(config, workdir)
-  assert metrics['fid']['fid'] == 1.5
-  assert seen['samples'].shape == (8, 8, 8, 1) and seen['samples'].dtype == np.uint8
-  np.testing.assert_array_equal(seen['reference'], data.load_eval_images(config, 'train', 8))
-  assert seen['path'].endswith('fid_reference_digits_train_8.npz') and seen['batch_size'] == 4
 
 
 def test_final_evaluation_of_a_training_run_uses_the_weights_in_memory(tmp_path, monkeypatch, capsys):

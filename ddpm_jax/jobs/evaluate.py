@@ -22,14 +22,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpoints, data, diffusion, models, parallel, sampling, workdir as workdir_lib
+from ddpm_jax import checkpoints, data, diffusion, models, parallel, sampling
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.evaluation import METRIC_NAMES
 from ddpm_jax.evaluation import bpd as bpd_lib
 from ddpm_jax.evaluation import rate_distortion as rd_lib
