@@ -120,8 +120,8 @@ def test_converted_tf_checkpoint_is_sampled_by_main(tmp_path):
              f'--workdir={workdir}']
   _python(*convert)
 
-  state = checkpoints.load_for_inference(workdir, config, parallel.create_mesh())
-  for got, want in ((state.params, raw), (state.ema_params, ema)):
+  params, ema_params, _ = checkpoints.restore_for_inference(workdir, config, parallel.create_mesh())
+  for got, want in ((params, raw), (ema_params, ema)):
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(got), want)
 
   # Converting into a workdir that already holds a checkpoint must not overwrite it.

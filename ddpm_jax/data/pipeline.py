@@ -1,6 +1,6 @@
 """Training batches and evaluation images, for every source, as a pure function of (config, seed).
 
-The iterator contract (what `train.loop` relies on):
+The iterator contract (what the training job, `jobs/train.py`, relies on):
   * `create_train_iterator(config, seed=..., start_step=s, process_index=i, process_count=n)`;
     `next(it)` is this process's float32 [training.batch_size // n, S, S, C] batch in [-1, 1] for
     training step `it.step` (then `it.step` advances). Process i gets rows [i * b, (i + 1) * b) of

@@ -1,8 +1,8 @@
 """Samplers: ancestral (DDPM Alg. 2), respaced (iDDPM §4), DDIM, progressive, interpolation.
 
 Each is one compiled loop over t; randomness is per sample (`fold_in(base_key, index)`), so samples
-do not depend on batch size or device count. `sampling.run` holds the --mode=sample / progressive /
-interpolate jobs.
+do not depend on batch size or device count. The --mode=sample / progressive / interpolate jobs that
+use them are in `ddpm_jax/jobs/`; this package writes no file.
 """
 
 from ddpm_jax.sampling.ancestral import p_sample, p_sample_loop
