@@ -298,6 +298,25 @@ def test_archive_download_and_conversion_cache(synthetic, tmp_path, monkeypatch)
   _assert_tree_equals(from_archive, flat, gamma_is_one=True)
 
 
+def test_truncated_weights_npz_is_named_and_a_damaged_cache_is_converted_again(synthetic, tmp_path):
+  """#19 item 6: a truncated converted-weights .npz failed with a raw zipfile error."""
+  path = str(tmp_path / 'inception.npz')
+  inc.save_inception_variables(inc.init_inception_variables(seed=7), path)
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(ValueError, match=r'inception\.npz cannot be read.*convert the Inception weights again'):
+    inc.load_inception_variables(path)
+  # The conversion cache of a .pb: damaged -> set aside (kept) and converted again.
+  flat, graph_def = synthetic
+  pb = _write(graph_def, tmp_path / inc.GRAPH_DEF_NAME)
+  cache = tmp_path / 'cache'
+  inc.load_inception_variables(pb, str(cache))
+  (cached,) = [name for name in os.listdir(cache) if name.endswith('.npz')]
+  (cache / cached).write_bytes(b'PK\x03\x04 truncated')
+  _assert_tree_equals(inc.load_inception_variables(pb, str(cache)), flat, gamma_is_one=True)
+  assert any(name.startswith(cached + '.damaged-') for name in os.listdir(cache))
+
+
 def test_failed_download_says_what_to_do(tmp_path):
   with pytest.raises(RuntimeError, match='config.eval.inception_weights'):
     inc.load_inception_variables(None, str(tmp_path), url=(tmp_path / 'nothing.tgz').as_uri())

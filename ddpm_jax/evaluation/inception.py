@@ -461,9 +461,13 @@ def save_inception_variables(variables: Variables, path: str) -> None:
 
 
 def load_inception_variables_npz(path: str) -> Variables:
-  """Reads a .npz written by `save_inception_variables`, checking every path and shape."""
-  with np.load(path, allow_pickle=False) as data:
-    flat = {k: data[k] for k in data.files}
+  """Reads a .npz written by `save_inception_variables`, checking every path and shape.
+
+  Raises:
+    workdir.DamagedFileError: the file is truncated or otherwise unreadable (names it).
+  """
+  flat = workdir.read_npz(path, 'convert the Inception weights again (save_inception_variables), or '
+                          'point config.eval.inception_weights at the .pb / .tgz')
   _check_variables(flat, f'Inception weights file {path!r}')
   return traverse_util.unflatten_dict(flat, sep='/')
 
@@ -651,7 +655,8 @@ def _cache_base(graph_def_path: str, cache_dir: str, digest: str | None = None) 
 def _converted(graph_def_path: str, cache_dir: str, digest: str | None = None) -> Variables:
   """Converts a .pb once; the Flax tree is cached under the .pb's content hash."""
   cached = _cache_base(graph_def_path, cache_dir, digest) + '.npz'
-  if not os.path.exists(cached):
+  # A damaged cache (an interrupted copy, a full disk) is set aside with a warning and converted again.
+  if workdir.read_cached_npz(cached, 'converted Inception weights cache') is None:
     save_inception_variables(convert_graph_def(graph_def_path), cached)
   return load_inception_variables_npz(cached)
 
