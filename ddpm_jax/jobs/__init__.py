@@ -102,10 +102,10 @@ JOBS: dict[str, Job] = {
 }
 
 
-# Every job writes into the workdir (checkpoints, samples, eval/, strips): one at a time per workdir.
 ERRORS = (ValueError, OSError, RuntimeError, FloatingPointError)  # what a job reports as one message
 
 
+# Every job writes into the workdir (checkpoints, samples, eval/, strips): one at a time per workdir.
 @contextlib.contextmanager
 def locked(workdir: str, mode: str = '') -> Iterator[None]:
   """Creates `workdir`, checks that it is writable and holds its lock while the block runs.
