@@ -245,3 +245,115 @@ def test_compile_report_for_an_h100_without_a_gpu(tmp_path):
   assert {'__cudnn$convBiasActivationForward', '__cudnn$convBackwardInput',
           '__cudnn$convBackwardFilter'} <= kinds, kinds
   assert record['floor']['floor_s'] > 0 and record['bandwidth_tb_s'] == 3.35
+
+
+# --- bench/torch_peer.py: ddpm_jax against the same network in PyTorch (torch is never a dependency) ---
+
+def test_torch_peer_without_torch_says_how_to_get_it_and_exits_0(tmp_path):
+  """The real script, in a Python where `import torch` fails (whether or not torch is installed)."""
+  out = tmp_path / 'peer.json'
+  code = ('import runpy, sys; sys.modules["torch"] = None; '  # None in sys.modules: ImportError on import
+          f'sys.argv = ["bench/torch_peer.py", "--config=configs/tiny.py", "--out={out}"]; '
+          'runpy.run_path("bench/torch_peer.py", run_name="__main__")')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO_ROOT,
+                        timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip() == ('torch is not installed: pip install torch (CPU build) to run the peer '
+                                 'benchmark; ddpm_jax never depends on it'), proc.stdout
+  assert not out.exists()
+
+
+def _config(name: str) -> Any:
+  import importlib  # pylint: disable=g-import-not-at-top
+  return importlib.import_module(f'configs.{name}').get_config()
+
+
+@pytest.mark.parametrize('name', ['digits', 'tiny'])
+def test_torch_unet_has_the_parameter_count_of_ddpm_jax(name):
+  pytest.importorskip('torch')
+  from bench import torch_unet  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
+  config = _config(name)
+  expected = models.count_params(models.param_shapes(config))
+  assert torch_unet.count_params(torch_unet.TorchUNet.from_config(config)) == expected
+
+
+def _torch_name(path: tuple[str, ...], num_levels: int) -> str:
+  """The PyTorch parameter of a Flax parameter path, e.g. ('down_0', 'attn_0', 'q', 'kernel') ->
+  'down.0.attns.0.q.weight' (the up path is stored in the order it runs: up_{L-1} first)."""
+  *scopes, leaf = path
+  leaf = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}[leaf]
+  head, rest = scopes[0], list(scopes[1:])
+  if head == 'temb':
+    return f'temb_{rest[0]}.{leaf}'
+  if head == 'mid':
+    return f'mid_{rest[0]}.' + '.'.join(rest[1:] + [leaf])
+  if head.startswith(('down_', 'up_')):
+    side, level = head.split('_')
+    index = int(level) if side == 'down' else num_levels - 1 - int(level)
+    kind = rest[0]
+    if kind.startswith(('block_', 'attn_')):
+      group, i = kind.split('_')
+      rest = [f'{group}s', i] + rest[1:]
+    return '.'.join([side, str(index)] + rest + [leaf])
+  return '.'.join(scopes + [leaf])
+
+
+def test_torch_unet_computes_the_function_of_ddpm_jax():
+  """Same weights in, same eps out: the peer times ddpm_jax's network, not one with the same count only.
+
+  Random values everywhere (the zero-initialised layers would hide most of the network); dropout off.
+  """
+  torch = pytest.importorskip('torch')
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from bench import torch_unet  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
+  config = _config('tiny')
+  config.model.attn_resolutions = (8, 4)  # attention on both levels, and the middle one
+  model = models.create_model(config)
+  shapes = models.param_shapes(config)
+  rng = np.random.default_rng(0)
+  flat = {path: rng.normal(0.0, 0.2, leaf.shape).astype(np.float32)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), list(flat.values()))
+  net = torch_unet.TorchUNet.from_config(config).eval()
+  state = net.state_dict()
+  loaded = {}
+  for path, value in flat.items():
+    name = _torch_name(tuple(k.key for k in path), len(config.model.ch_mult))
+    target = state[name]
+    if value.ndim == 4:  # conv [kh, kw, in, out] -> [out, in, kh, kw]
+      value = value.transpose(3, 2, 0, 1)
+    elif value.ndim == 2:  # dense / nin [in, out] -> Linear [out, in] or 1x1 conv [out, in, 1, 1]
+      value = value.T.reshape(target.shape)
+    loaded[name] = torch.from_numpy(np.ascontiguousarray(value))
+  assert set(loaded) == set(state)  # every PyTorch parameter set, once
+  net.load_state_dict(loaded)
+  x = rng.uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)
+  t = np.array([0, 7, 19], np.int32)
+  want = np.asarray(model.apply({'params': params}, x, t, train=False))
+  with torch.no_grad():
+    got = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t).long()).numpy()
+  np.testing.assert_allclose(got.transpose(0, 2, 3, 1), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+@pytest.mark.slow
+def test_torch_peer_one_pair_on_tiny(tmp_path):
+  pytest.importorskip('torch')
+  record, stdout = _run('torch_peer.py', ['--pairs=1', '--windows=2', '--steps_per_window=2',
+                                          '--warmup_steps=1', '--batch_size=8'], str(tmp_path / 'peer.json'))
+  for key in META_KEYS[:-2] + ('network', 'pairs', 'ddpm_jax_steps_per_s', 'torch_steps_per_s', 'ratio',
+                               'threads'):
+    assert key in record, key
+  assert record['benchmark'] == 'torch_peer' and record['num_params'] == 701_345
+  (pair,) = record['pairs']
+  assert pair['first'] == 'ddpm_jax' and pair['torch']['num_params'] == 701_345
+  assert len(pair['ddpm_jax']['window_s']) == len(pair['torch']['window_s']) == 2
+  _check_summary(record['ratio'])
+  assert math.isclose(record['ratio']['median'], record['ddpm_jax_steps_per_s']['median']
+                      / record['torch_steps_per_s']['median'])
+  assert record['versions']['torch'] and record['threads']['torch_intra_op'] >= 1
+  (row,) = _printed_rows(stdout)
+  assert row[1] == '701,345' and row[2] == '8' and common.fmt_range(record['ratio'], '.2f') == row[-1], row

@@ -1,0 +1,343 @@
+r"""ddpm_jax against PyTorch on the same network, side by side: train steps/s of each and their ratio.
+
+  python bench/torch_peer.py --config=configs/digits.py --batch_size=64 --pairs=3 --windows=5 \
+      --steps_per_window=20 --out=/tmp/peer_digits.json
+
+Needs torch (CPU build) in the same environment; ddpm_jax never depends on it. Without torch the script
+prints one line saying so and exits 0.
+
+Each of `--pairs` pairs runs, in separate processes and one after the other:
+  (a) ddpm_jax: `bench/train_throughput.py` itself with the same config, batch and windows, float32, in this
+      process's environment unchanged (whatever ddpm_jax does to itself on a CPU applies; no flag is added
+      here), read back from its JSON record;
+  (b) PyTorch: this script with `--worker`: `bench/torch_unet.py`'s U-Net (asserted to have ddpm_jax's
+      parameter count) trained with DDPM's step: t uniform in [0, T), x_t = q_sample(x_0, t, eps) with the
+      config's beta schedule, the eps-prediction MSE (ddpm_jax's loss 'mse' with mean_type 'eps'), Adam with
+      the config's betas / eps and linear learning-rate warm-up, global-norm gradient clipping at
+      config.optim.grad_clip, then the EMA update of the weights (`TrainState.apply_gradients` does the same);
+      float32, torch's default threads and kernels (oneDNN on CPU), `--warmup_steps` untimed steps, then
+      `--windows` windows of `--steps_per_window` steps.
+The frameworks alternate (and which goes first alternates from pair to pair), so that a drift of the
+machine's load or clock affects both. Each run's figure is the median steps/s over its windows; the ratio
+of a pair is ddpm_jax / PyTorch (above 1: ddpm_jax is faster). Both use one fixed random batch: the data
+pipeline is timed in neither.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+  sys.path.insert(0, _REPO_ROOT)
+
+import ml_collections  # pylint: disable=g-import-not-at-top
+from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+NO_TORCH_MESSAGE = ('torch is not installed: pip install torch (CPU build) to run the peer benchmark; '
+                    'ddpm_jax never depends on it')
+
+config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.', lock_config=True)
+flags.DEFINE_integer('batch_size', None, 'Global batch size (default: the config\'s).')
+flags.DEFINE_integer('pairs', 3, 'Pairs of runs (one ddpm_jax run and one PyTorch run each).')
+flags.DEFINE_integer('windows', 5, 'Timed windows per run (>= 5 for a benchmark; fewer is a smoke run).')
+flags.DEFINE_integer('steps_per_window', 10, 'Train steps per timed window.')
+flags.DEFINE_integer('warmup_steps', 3, 'Untimed steps before the windows (after compilation for ddpm_jax).')
+flags.DEFINE_string('out', None, 'Where to write the JSON record (default: print only).')
+flags.DEFINE_bool('worker', False, 'Internal: run the PyTorch side once and write its record to --out.')
+FLAGS = flags.FLAGS
+
+MIN_WINDOWS = 5
+THROUGHPUT_SCRIPT = os.path.join(_REPO_ROOT, 'bench', 'train_throughput.py')
+
+
+def torch_available() -> bool:
+  """Whether torch imports here (an ImportError of any kind, e.g. a broken install, counts as absent)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def summary(values: list[float]) -> dict[str, float]:
+  """Median, min and max (bench.common.summary, repeated so that the worker never imports jax)."""
+  return {'median': statistics.median(values), 'min': min(values), 'max': max(values)}
+
+
+def config_overrides(argv: list[str]) -> list[str]:
+  """The `--config.x.y=...` arguments, passed on unchanged to both sides."""
+  return [arg for arg in argv if arg.startswith('--config.')]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The PyTorch side (--worker): imports torch, never jax.
+
+
+def torch_train_step(config: ml_collections.ConfigDict, model: Any, images: Any) -> Any:
+  """DDPM's train step in PyTorch, as `ddpm_jax.train.step` computes it for the 'eps' / 'mse' loss.
+
+  Returns `step()`: one optimizer update on the fixed batch `images` [B, C, H, W]; returns the loss tensor.
+  """
+  import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+
+  d, o = config.diffusion, config.optim
+  check_supported(config)
+  # DDPM's linear schedule, computed in float64 as ddpm_jax.diffusion.schedules does (np.linspace).
+  betas = torch.linspace(d.beta_start, d.beta_end, d.num_timesteps, dtype=torch.float64)
+  alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+  sqrt_abar = alphas_cumprod.sqrt().float()
+  sqrt_one_minus_abar = (1.0 - alphas_cumprod).sqrt().float()
+  params = list(model.parameters())
+  ema = [p.detach().clone() for p in params]
+  opt = torch.optim.Adam(params, lr=o.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps)
+  batch_size, num_timesteps = images.shape[0], d.num_timesteps
+  state = {'step': 0}
+  model.train()  # dropout on, as in training
+
+  def step() -> torch.Tensor:
+    # optax.linear_schedule(0, lr, warmup) at the update's count; the same work for any value.
+    lr = o.learning_rate * (min(1.0, state['step'] / o.warmup_steps) if o.warmup_steps else 1.0)
+    for group in opt.param_groups:
+      group['lr'] = lr
+    t = torch.randint(0, num_timesteps, (batch_size,))
+    noise = torch.randn_like(images)
+    x_t = sqrt_abar[t].view(-1, 1, 1, 1) * images + sqrt_one_minus_abar[t].view(-1, 1, 1, 1) * noise
+    loss = ((noise - model(x_t, t)) ** 2).mean()  # mean over pixels, then over the batch
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if o.grad_clip > 0:
+      torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+    opt.step()
+    with torch.no_grad():  # EMA (the first update copies the weights, as ddpm_jax's ema_update does)
+      decay = 0.0 if state['step'] == 0 else config.training.ema_decay
+      torch._foreach_lerp_(ema, params, 1.0 - decay)  # pylint: disable=protected-access
+    state['step'] += 1
+    return loss.detach()
+
+  return step
+
+
+def check_supported(config: ml_collections.ConfigDict) -> None:
+  """The PyTorch side implements DDPM's recipe only: anything else would time another computation."""
+  d, m = config.diffusion, config.model
+  unsupported = {'diffusion.mean_type': (d.mean_type, 'eps'), 'diffusion.loss_type': (d.loss_type, 'mse'),
+                 'diffusion.beta_schedule': (d.beta_schedule, 'linear'),
+                 'training.importance_sampling': (config.training.importance_sampling, False),
+                 'model.learn_sigma': (m.learn_sigma, False), 'model.dtype': (m.dtype, 'float32'),
+                 'optim.optimizer': (config.optim.optimizer, 'adam')}
+  bad = [f'{k}={v!r} (needs {want!r})' for k, (v, want) in unsupported.items() if v != want]
+  if bad:
+    raise NotImplementedError('the PyTorch peer trains DDPM\'s eps-prediction MSE with a linear schedule '
+                              'and Adam in float32 only: ' + ', '.join(bad))
+
+
+def run_torch(config: ml_collections.ConfigDict, windows: int, steps_per_window: int,
+              warmup_steps: int) -> dict[str, Any]:
+  """Builds the PyTorch U-Net and times its train step: the worker's record."""
+  import numpy as np  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+
+  from bench import torch_unet  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  torch.manual_seed(config.seed)
+  model = torch_unet.TorchUNet.from_config(config)
+  c, size = config.data.num_channels, config.data.image_size
+  rng = np.random.default_rng(config.seed)  # one fixed batch in [-1, 1], as train_throughput.py uses
+  images = torch.from_numpy(rng.uniform(-1.0, 1.0, (config.training.batch_size, c, size, size))
+                            .astype(np.float32))
+  step = torch_train_step(config, model, images)
+  record = {'framework': 'torch', 'torch_version': torch.__version__,
+            'torch_threads': torch.get_num_threads(), 'torch_interop_threads': torch.get_num_interop_threads(),
+            'mkldnn_available': torch.backends.mkldnn.is_available(),
+            'num_params': torch_unet.count_params(model),
+            'load_average_1m_at_start': round(os.getloadavg()[0], 2)}
+  start = time.perf_counter()
+  for _ in range(warmup_steps):
+    step()
+  record['warmup_s'] = time.perf_counter() - start
+  seconds, loss = [], None
+  for _ in range(windows):
+    start = time.perf_counter()
+    for _ in range(steps_per_window):
+      loss = step()  # CPU kernels run synchronously: when step() returns, its work is done
+    seconds.append(time.perf_counter() - start)
+  record['final_loss'] = float(loss)
+  if not math.isfinite(record['final_loss']):
+    raise FloatingPointError(f'PyTorch loss is {record["final_loss"]}')
+  record.update({'window_s': seconds, 'steps_per_s': summary([steps_per_window / s for s in seconds]),
+                 'load_average_1m_at_end': round(os.getloadavg()[0], 2)})
+  return record
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The runner: one subprocess per run, alternating.
+
+
+def _run_json(cmd: list[str], what: str) -> dict[str, Any]:
+  """Runs `cmd` (this environment, unchanged), whose last argument is `--out=PATH`; returns that JSON."""
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_REPO_ROOT, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f'{what} failed (exit {proc.returncode}): {" ".join(cmd)}\n'
+                       f'STDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}')
+  with open(cmd[-1].split('=', 1)[1]) as f:
+    return json.load(f)
+
+
+def _common_args(config_path: str, overrides: list[str], batch_size: int) -> list[str]:
+  return [f'--config={config_path}', *overrides, f'--batch_size={batch_size}', f'--windows={FLAGS.windows}',
+          f'--steps_per_window={FLAGS.steps_per_window}', f'--warmup_steps={FLAGS.warmup_steps}']
+
+
+def run_jax_side(args: list[str], out: str) -> dict[str, Any]:
+  """`bench/train_throughput.py` as a user runs it (float32): its record."""
+  cmd = [sys.executable, THROUGHPUT_SCRIPT, *args, '--dtype=float32', f'--out={out}']
+  return _run_json(cmd, 'ddpm_jax (bench/train_throughput.py)')
+
+
+def run_torch_side(args: list[str], out: str) -> dict[str, Any]:
+  """This script's --worker mode in a fresh process: its record."""
+  cmd = [sys.executable, os.path.abspath(__file__), '--worker', *args, f'--out={out}']
+  return _run_json(cmd, 'PyTorch (bench/torch_peer.py --worker)')
+
+
+def _jax_run_summary(rec: dict[str, Any]) -> dict[str, Any]:
+  keys = ('steps_per_s', 'window_s', 'warmup_s', 'lower_s', 'compile_s', 'recompiles', 'devices',
+          'peak_memory_bytes', 'peak_memory_source')
+  out = {k: rec[k] for k in keys if k in rec}
+  out['load_average_1m'] = [rec['machine'].get('load_average_1m_at_start'),
+                            rec['machine'].get('load_average_1m_at_end')]
+  return out
+
+
+def network_name(config: ml_collections.ConfigDict, config_path: str) -> str:
+  m = config.model
+  return (f'{config_path} U-Net (ch {m.ch}, ch_mult {tuple(m.ch_mult)}, {m.num_res_blocks} res blocks, '
+          f'{config.data.image_size}x{config.data.image_size}x{config.data.num_channels})')
+
+
+def markdown(record: dict[str, Any]) -> str:
+  """The table (one row) and the lines saying where and with what it ran."""
+  from bench import common  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  header = ['network', 'params', 'batch', 'ddpm_jax steps/s (median [range])',
+            'PyTorch steps/s (median [range])', 'ratio per pair', 'ratio median [range]']
+  per_pair = ', '.join(f'{p["ratio"]:.2f}{" (T)" if p["first"] == "torch" else " (J)"}'
+                       for p in record['pairs'])
+  row = [record['network'], f'{record["num_params"]:,}', str(record['batch_size']),
+         common.fmt_range(record['ddpm_jax_steps_per_s']), common.fmt_range(record['torch_steps_per_s']),
+         per_pair, common.fmt_range(record['ratio'], '.2f')]
+  m, v, t = record['machine'], record['versions'], record['threads']
+  loads = [x for p in record['pairs'] for x in p['load_average_1m'] if x is not None]
+  lines = [
+      common.markdown_table(header, [row]), '',
+      'Steps/s: the median over each run\'s windows, then median [min–max] over the pairs; ratio = ddpm_jax / '
+      'PyTorch (above 1: ddpm_jax is faster). (J) / (T): which ran first in the pair. float32, '
+      f'{record["windows"]} windows x {record["steps_per_window"]} steps after {record["warmup_steps"]} warm-up '
+      'steps, each run in its own process.',
+      f'Machine: {m["cpu_model"]}, {m["cpu_count"]} CPUs ({t["schedulable_cores"]} schedulable); '
+      f'load average (1 min) during the runs {min(loads, default=0):.2f}–{max(loads, default=0):.2f}.',
+      f'Versions: jax {v["jax"]} (jaxlib {v["jaxlib"]}, flax {v["flax"]}, optax {v["optax"]}), '
+      f'torch {v["torch"]}, Python {m["python"]}.',
+      f'Threads: PyTorch intra-op {t["torch_intra_op"]}, inter-op {t["torch_interop"]} (its defaults); '
+      f'ddpm_jax on {t["jax_devices"]} ({t["jax_device_count"]} device(s)), XLA_FLAGS '
+      f'{t["xla_flags"] or "unset"} in the environment given to it.',
+  ]
+  if record.get('note'):
+    lines.append(f'Note: {record["note"]}.')
+  return '\n'.join(lines)
+
+
+def run_pairs(config: ml_collections.ConfigDict, config_path: str, overrides: list[str]) -> dict[str, Any]:
+  """The benchmark: parameter counts checked, then the pairs; returns the record."""
+  import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+
+  from bench import common, torch_unet  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+
+  check_supported(config)  # before anything runs
+  if FLAGS.pairs < 1 or FLAGS.windows < 1 or FLAGS.steps_per_window < 1 or FLAGS.warmup_steps < 1:
+    raise app.UsageError('--pairs, --windows, --steps_per_window and --warmup_steps must be >= 1')
+  batch_size = config.training.batch_size
+  num_params = models.count_params(models.param_shapes(config))
+  torch_params = torch_unet.count_params(torch_unet.TorchUNet.from_config(config))
+  if torch_params != num_params:  # not the same network: a ratio would mean nothing
+    raise AssertionError(f'PyTorch U-Net has {torch_params:,} parameters, ddpm_jax\'s {num_params:,}')
+
+  record = common.run_metadata(config_path)
+  record['versions']['torch'] = torch.__version__
+  record.update({'benchmark': 'torch_peer', 'network': network_name(config, config_path),
+                 'batch_size': batch_size, 'dtype': 'float32', 'num_params': num_params,
+                 'pairs_requested': FLAGS.pairs, 'windows': FLAGS.windows,
+                 'steps_per_window': FLAGS.steps_per_window, 'warmup_steps': FLAGS.warmup_steps})
+  if FLAGS.windows < MIN_WINDOWS:
+    record['note'] = f'smoke run: {FLAGS.windows} < {MIN_WINDOWS} windows'
+  args = _common_args(config_path, overrides, batch_size)
+  pairs = []
+  with tempfile.TemporaryDirectory(prefix='torch_peer_') as tmp:
+    for i in range(FLAGS.pairs):
+      order = ('ddpm_jax', 'torch') if i % 2 == 0 else ('torch', 'ddpm_jax')
+      runs = {}
+      for side in order:
+        out = os.path.join(tmp, f'{side}_{i}.json')
+        print(f'pair {i + 1}/{FLAGS.pairs}: {side} ...', file=sys.stderr, flush=True)
+        runs[side] = run_jax_side(args, out) if side == 'ddpm_jax' else run_torch_side(args, out)
+      jax_rec, torch_rec = runs['ddpm_jax'], runs['torch']
+      for name, count in (('ddpm_jax', jax_rec['num_params']), ('PyTorch', torch_rec['num_params'])):
+        if count != num_params:
+          raise AssertionError(f'{name} run has {count:,} parameters, expected {num_params:,}')
+      ratio = jax_rec['steps_per_s']['median'] / torch_rec['steps_per_s']['median']
+      pairs.append({'first': order[0], 'ratio': ratio, 'ddpm_jax': _jax_run_summary(jax_rec),
+                    'torch': torch_rec,
+                    'load_average_1m': [jax_rec['machine'].get('load_average_1m_at_start'),
+                                        jax_rec['machine'].get('load_average_1m_at_end'),
+                                        torch_rec['load_average_1m_at_start'],
+                                        torch_rec['load_average_1m_at_end']]})
+  record['pairs'] = pairs
+  record['ddpm_jax_steps_per_s'] = summary([p['ddpm_jax']['steps_per_s']['median'] for p in pairs])
+  record['torch_steps_per_s'] = summary([p['torch']['steps_per_s']['median'] for p in pairs])
+  record['ratio'] = summary([p['ratio'] for p in pairs])
+  devices = pairs[0]['ddpm_jax'].get('devices', {})
+  record['threads'] = {
+      'torch_intra_op': pairs[0]['torch']['torch_threads'],
+      'torch_interop': pairs[0]['torch']['torch_interop_threads'],
+      'jax_devices': devices.get('kind', devices.get('platform', '?')),
+      'jax_device_count': devices.get('count', '?'),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'schedulable_cores': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None}
+  record['machine']['load_average_1m_at_end'] = round(os.getloadavg()[0], 2)
+  return record
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = FLAGS.config
+  if FLAGS.batch_size is not None:
+    config.training.batch_size = FLAGS.batch_size
+  if FLAGS.worker:
+    record = run_torch(config, FLAGS.windows, FLAGS.steps_per_window, FLAGS.warmup_steps)
+    with open(FLAGS.out, 'w') as f:
+      json.dump(record, f, indent=2, allow_nan=False)
+    return
+  from bench import common  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  config_path = config_flags.get_config_filename(FLAGS['config'])
+  record = run_pairs(config, config_path, config_overrides(sys.argv[1:]))
+  common.write_json(record, FLAGS.out)
+  print(markdown(record))
+
+
+if __name__ == '__main__':
+  if not torch_available():
+    print(NO_TORCH_MESSAGE)
+    sys.exit(0)
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
