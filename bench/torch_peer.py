@@ -251,6 +251,8 @@ def markdown(record: dict[str, Any]) -> str:
       f'ddpm_jax on {t["jax_devices"]} ({t["jax_device_count"]} device(s)), XLA_FLAGS '
       f'{t["xla_flags"] or "unset"} in the environment given to it.',
   ]
+  if record.get('contention_warning'):
+    lines.append(f'WARNING: {record["contention_warning"]}.')
   if record.get('note'):
     lines.append(f'Note: {record["note"]}.')
   return '\n'.join(lines)
@@ -314,7 +316,25 @@ def run_pairs(config: ml_collections.ConfigDict, config_path: str, overrides: li
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'schedulable_cores': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None}
   record['machine']['load_average_1m_at_end'] = round(os.getloadavg()[0], 2)
+  record['contention_warning'] = contention_warning(record)
   return record
+
+
+def contention_warning(record: dict[str, Any]) -> str | None:
+  """A warning when the load average says other processes competed for the cores, else None.
+
+  Why it matters more than the usual noise: PyTorch's OpenMP threads wait for each other at every
+  operator, so a thread that loses its core stalls all of them: on a 2-core machine at a load average of
+  about 6 (other jobs), a train step of configs/digits.py ran 13x slower with torch's 2 threads than with
+  1 (0.44 against 5.7 steps/s). The ratio is then the scheduler's more than the frameworks'. The runs
+  themselves load the machine up to its core count, hence the margin.
+  """
+  cores = record['threads']['schedulable_cores'] or record['machine']['cpu_count']
+  loads = [x for p in record['pairs'] for x in p['load_average_1m'] if x is not None]
+  if not loads or max(loads) <= cores + 0.5:
+    return None
+  return (f'load average (1 min) up to {max(loads):.2f} on {cores} cores: other processes competed for '
+          'the CPUs, which can slow PyTorch\'s OpenMP threads many times over; rerun on a quiet machine')
 
 
 def main(argv: list[str]) -> None:
