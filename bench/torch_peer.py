@@ -12,8 +12,9 @@ Each of `--pairs` pairs runs, in separate processes and one after the other:
       here), read back from its JSON record;
   (b) PyTorch: this script with `--worker`: `bench/torch_unet.py`'s U-Net (asserted to have ddpm_jax's
       parameter count) trained with DDPM's step: t uniform in [0, T), x_t = q_sample(x_0, t, eps) with the
-      config's beta schedule, the eps-prediction MSE (ddpm_jax's loss 'mse' with mean_type 'eps'), Adam with
-      the config's betas / eps and linear learning-rate warm-up, global-norm gradient clipping at
+      config's linear beta schedule (DDPM's recipe only: `check_supported`), the eps-prediction MSE
+      (ddpm_jax's loss 'mse' with mean_type 'eps'), Adam with the config's betas / eps and linear
+      learning-rate warm-up, global-norm gradient clipping at
       config.optim.grad_clip, then the EMA update of the weights (`TrainState.apply_gradients` does the same);
       float32, torch's default threads and kernels (oneDNN on CPU), `--warmup_steps` untimed steps, then
       `--windows` windows of `--steps_per_window` steps.
