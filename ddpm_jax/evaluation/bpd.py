@@ -4,6 +4,10 @@ L = L_T + sum_{t>=1} L_t + L_0 evaluated over every timestep (no sampling of t):
 the T - 1 Gaussian KL terms and the discretized decoder NLL L_0. `calc_bpd_loop` does it for one
 batch in one compiled loop over t; `dataset_bpd` runs it over a data set in sharded global
 batches.
+
+A class-conditional model (iDDPM's class_cond) is evaluated as improved-diffusion's image_nll.py
+does: the bound on -log p(x | y) with y the image's own label, bound to the network call through
+`make_model_fn(..., labels)`, so the diffusion terms stay label-agnostic.
 """
 
 from __future__ import annotations
@@ -83,36 +87,49 @@ def calc_bpd_loop(coefs: diffusion.DiffusionCoefficients, model_fn: ModelFn, x_s
           'xstart_mse': xstart_mse, 'mse': mse}
 
 
-BpdFn = Callable[[Any, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
+BpdFn = Callable[..., dict[str, jax.Array]]
 
 
 def make_bpd_fn(coefs: diffusion.DiffusionCoefficients, model: Any, mesh: Mesh, *,
                 clip_denoised: bool) -> BpdFn:
-  """Compiles `bpd_fn(params, base_key, images, indices)` for global batches sharded over `data`.
+  """Compiles `bpd_fn(params, base_key, images, indices[, labels])` for global batches sharded over
+  `data`.
 
   images: float32 [B, H, W, C] in [-1, 1]; indices: int32 [B] example indices; example i's noise is
   drawn from fold_in(base_key, indices[i]), so the result does not depend on the batching.
+  labels: int32 [B], the class of each image, for a class-conditional model (required by it,
+  refused by an unconditional one, as the network does); the bound is then that of p(x | y).
   """
-  def bpd(params, base_key, images, indices):
+  def bpd(params, base_key, images, indices, labels=None):
     keys = per_sample_keys(base_key, indices)
-    return calc_bpd_loop(coefs, make_model_fn(model, params), images, keys,
+    return calc_bpd_loop(coefs, make_model_fn(model, params, labels), images, keys,
                          clip_denoised=clip_denoised)
 
   replicated, sharded = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
-  return jax.jit(bpd, in_shardings=(replicated, replicated, sharded, sharded),
-                 out_shardings=sharded)
+  plain = jax.jit(bpd, in_shardings=(replicated, replicated, sharded, sharded),
+                  out_shardings=sharded)
+  # Traced and compiled only when first called with labels.
+  conditional = jax.jit(bpd, in_shardings=(replicated, replicated, sharded, sharded, sharded),
+                        out_shardings=sharded)
+
+  def bpd_fn(params: Any, base_key: jax.Array, images: jax.Array, indices: jax.Array,
+             labels: jax.Array | None = None) -> dict[str, jax.Array]:
+    if labels is None:
+      return plain(params, base_key, images, indices)
+    return conditional(params, base_key, images, indices, labels)
+
+  return bpd_fn
 
 
-def _padded_batch(images: np.ndarray, start: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Examples [start, start + batch_size), the tail past the data set filled with copies of
-  example 0 (valid pixels, masked out later); returns (uint8 images, int32 indices)."""
+def _padded_rows(num: int, start: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Examples [start, start + batch_size) of `num`: (int32 indices, the rows to read), the tail past
+  the data set reading example 0 (valid pixels and label, masked out later)."""
   indices = np.arange(start, start + batch_size, dtype=np.int32)
-  rows = np.where(indices < len(images), indices, 0)
-  return images[rows], indices
+  return indices, np.where(indices < num, indices, 0)
 
 
 def dataset_bpd(bpd_fn: BpdFn, params: Any, base_key: jax.Array, images: np.ndarray,
-                batch_size: int, mesh: Mesh) -> dict[str, Any]:
+                batch_size: int, mesh: Mesh, *, labels: np.ndarray | None = None) -> dict[str, Any]:
   """Means over a data set of every `calc_bpd_loop` output, each example counted exactly once.
 
   Args:
@@ -123,6 +140,8 @@ def dataset_bpd(bpd_fn: BpdFn, params: Any, base_key: jax.Array, images: np.ndar
     batch_size: global batch (divisible by the device and process counts); the last batch is padded
       and the padding masked out.
     mesh: the device mesh.
+    labels: int [N], the class of each image (class-conditional models only; `load_eval_labels`),
+      identical on every process; None for an unconditional model.
   Returns:
     dict: 'num_examples', 'total_bpd', 'prior_bpd' (floats) and 'vb', 'xstart_mse', 'mse' (float64
     arrays [T]), all means over the N examples.
@@ -130,13 +149,18 @@ def dataset_bpd(bpd_fn: BpdFn, params: Any, base_key: jax.Array, images: np.ndar
   num = len(images)
   if num < 1:
     raise ValueError('dataset_bpd: the data set is empty')
+  if labels is not None and np.shape(labels) != (num,):
+    raise ValueError(f'dataset_bpd: expected one label per image, shape ({num},); got '
+                     f'{np.shape(labels)}')
   sums: dict[str, Any] = {}
   for start in range(0, num, batch_size):
-    batch, indices = _padded_batch(images, start, batch_size)
+    indices, rows = _padded_rows(num, start, batch_size)
     local = parallel.process_slice(batch_size)
-    out = bpd_fn(params, base_key, parallel.shard_batch(data.to_model_range(batch[local]), mesh),
-                 parallel.shard_batch(indices[local], mesh))
-    out = parallel.to_host(out)
+    args = [parallel.shard_batch(data.to_model_range(images[rows][local]), mesh),
+            parallel.shard_batch(indices[local], mesh)]
+    if labels is not None:
+      args.append(parallel.shard_batch(np.asarray(labels, np.int32)[rows][local], mesh))
+    out = parallel.to_host(bpd_fn(params, base_key, *args))
     valid = indices < num
     for name in SCALAR_TERMS + PER_T_TERMS:
       total = np.asarray(out[name], np.float64)[valid].sum(axis=0)

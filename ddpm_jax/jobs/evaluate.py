@@ -3,6 +3,7 @@
   bpd              NLL bound in bits/dim on config.eval.num_examples of data.eval_split and
                    config.eval.num_train_examples of data.train_split (DDPM Table 2, the
                    train-test gap); per-t terms, prior and x0 MSE as eval/bpd_<split>.json, .csv.
+                   A class-conditional model: the bound on -log p(x | y), y the image's label.
   rate_distortion  DDPM §4.3 / Table 4 / Fig. 5 from the same bound terms:
                    eval/rate_distortion.csv and .png.
   fid              FID / IS and precision / recall of config.eval.fid_num_samples samples of the
@@ -32,6 +33,7 @@ from jax.sharding import Mesh
 
 from ddpm_jax import checkpoints, data, diffusion, models, parallel, sampling
 from ddpm_jax import workdir as workdir_lib
+from ddpm_jax.data.pipeline import load_eval_labels
 from ddpm_jax.evaluation import METRIC_NAMES
 from ddpm_jax.evaluation import bpd as bpd_lib
 from ddpm_jax.evaluation import rate_distortion as rd_lib
@@ -56,7 +58,11 @@ class EvalContext:
 # --- the bound terms of one split, cached on disk -------------------------------------------------
 
 def split_terms(ctx: EvalContext, split: str, num_examples: int) -> dict[str, Any]:
-  """`dataset_bpd` means of the first num_examples images of `split`, cached on disk."""
+  """`dataset_bpd` means of the first num_examples images of `split`, cached on disk.
+
+  A class-conditional model's bound is that of p(x | y), each image with its own label from the
+  split (`data.pipeline.load_eval_labels`), as improved-diffusion's image_nll.py with class_cond.
+  """
   path = os.path.join(ctx.eval_dir, f'terms_{split}.npz')
   # A damaged cache is recomputed, like a stale one (process 0 sets it aside).
   cached = workdir_lib.read_cached_npz(path, f'bound terms of split {split!r}',
@@ -70,7 +76,10 @@ def split_terms(ctx: EvalContext, split: str, num_examples: int) -> dict[str, An
   bpd_fn = bpd_lib.make_bpd_fn(coefs, models.create_model(config), ctx.mesh,
                                clip_denoised=BPD_CLIP_DENOISED)
   key = stream_key(config, BPD_STREAM)
-  terms = bpd_lib.dataset_bpd(bpd_fn, ctx.params, key, images, config.eval.batch_size, ctx.mesh)
+  labels = (load_eval_labels(config, split, num_examples)
+            if config.model.get('num_classes', 0) else None)
+  terms = bpd_lib.dataset_bpd(bpd_fn, ctx.params, key, images, config.eval.batch_size, ctx.mesh,
+                              labels=labels)
   if parallel.is_writer():
     workdir_lib.savez(path, requested=num_examples, checkpoint_step=ctx.step, **terms)
   return terms

@@ -5,6 +5,12 @@ Two images x0, x0' are encoded to the same step t with the SAME noise eps
 decoded with the reverse process from t. Every lambda of a pair also shares the decoding noise, so
 lambda alone varies along a row; lambda = 0 and 1 give exactly `decode(encode(x0))` and
 `decode(encode(x0'))`.
+
+Class-conditional models (iDDPM's class_cond): the decoder is p_theta(x_{t-1} | x_t, y), and the
+two ends usually have different labels y, y'. Each mixed latent is decoded with the label of the end
+that weighs more in it (`interpolation_labels`: y for lambda <= 1/2, y' above), so the property
+above holds per end, decode(encode(x0) | y) and decode(encode(x0') | y'), and along a row the class
+switches once, at the midpoint, with the latent varying continuously on each side.
 """
 
 from __future__ import annotations
@@ -39,13 +45,29 @@ def decode(step_fn: StepFn, x_t: jax.Array, t: int, keys: jax.Array) -> jax.Arra
   return reverse_loop(step_fn, x_t, keys, t)[0]
 
 
+def interpolation_labels(labels_a: jax.Array, labels_b: jax.Array, lambdas: jax.Array) -> jax.Array:
+  """int32 [P * L]: the class label each row of `interpolate`'s decoding batch is denoised with,
+  row p * L + l being pair p at lambdas[l]: labels_a[p] while lambda <= 1/2 (x_a weighs at least as
+  much as x_b in the mix; the tie goes to the first end), labels_b[p] above.
+
+  Args:
+    labels_a, labels_b: int [P], the labels of the two ends of each pair.
+    lambdas: float [L] in [0, 1].
+  """
+  labels_a, labels_b = jnp.asarray(labels_a, jnp.int32), jnp.asarray(labels_b, jnp.int32)
+  first = jnp.asarray(lambdas) <= 0.5
+  return jnp.where(first[None, :], labels_a[:, None], labels_b[:, None]).reshape(-1)
+
+
 def interpolate(coefs: diffusion.DiffusionCoefficients, step_fn: StepFn, x_a: jax.Array,
                 x_b: jax.Array, lambdas: jax.Array, t: int, keys: jax.Array) -> jax.Array:
   """Decoded interpolations [P, L, H, W, C] between pairs (x_a[p], x_b[p]) (DDPM §4.4).
 
   Args:
     coefs: tables of the (full, not respaced) diffusion; t indexes them.
-    step_fn: one reverse step (`sample_fn.make_step_fn`).
+    step_fn: one reverse step (`sample_fn.make_step_fn`) over the decoding batch of P * L rows,
+      row p * L + l being pair p at lambdas[l]; a class-conditional model's step_fn binds
+      `interpolation_labels` (one label per row).
     x_a, x_b: [P, H, W, C] in [-1, 1], the two ends of each of P pairs.
     lambdas: float [L] mixing weights in [0, 1].
     t: static table index to encode to (the paper uses t = 500 of 1000).
