@@ -198,8 +198,10 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = FLAGS.config
   dtype = common.apply_dtype(config, FLAGS.dtype)
-  batch_size = FLAGS.batch_size or config.sampling.batch_size
+  batch_size = config.sampling.batch_size = FLAGS.batch_size or config.sampling.batch_size
+  runtime = common.configure_runtime(config)
   record = common.run_metadata(common.config_name(FLAGS))
+  record['runtime'] = runtime
   record.update({'benchmark': 'sample_throughput', 'batch_size': batch_size, 'dtype': dtype,
                  'repeats': FLAGS.repeats, 'num_images': FLAGS.num_images,
                  'ancestral_timesteps': FLAGS.ancestral_timesteps})

@@ -7,6 +7,7 @@ same code runs on 1 CPU, 8 simulated CPU devices, a GPU, a TPU slice and several
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,50 @@ def maybe_initialize_distributed(enabled: bool) -> None:
   """
   if enabled and not jax.distributed.is_initialized():
     jax.distributed.initialize()
+
+
+def host_cores() -> int:
+  """The CPU cores this process may run on (its affinity mask, which a container or `taskset` narrows)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
+def split_host_cpu(num_devices: int) -> bool:
+  """Makes JAX's CPU backend `num_devices` devices, single-threaded when there is one per core.
+
+  Why: a U-Net's convolutions on small images are too small for XLA:CPU's intra-op threads to keep
+  the cores busy (a train step of configs/digits.py runs as fast on one thread as on two), while
+  data parallelism over one device per core does (1.3-1.6x on 2 cores, BENCHMARKS.md "CPU levers").
+  It only concerns the CPU backend: on a GPU / TPU host the mesh is built from the accelerators.
+
+  Must run before anything touches a device. Leaves everything as it is (and returns False) when
+  `num_devices` <= 1, when the user chose the CPU device count already (`jax_num_cpu_devices`, or
+  `--xla_force_host_platform_device_count` in XLA_FLAGS), or when JAX's backends are already up
+  (a notebook or test that ran JAX first); returns True when it split the CPU.
+  """
+  xla_flags = os.environ.get('XLA_FLAGS', '')
+  if (num_devices <= 1 or jax.config.jax_num_cpu_devices != -1
+      or 'xla_force_host_platform_device_count' in xla_flags):
+    return False
+  try:
+    jax.config.update('jax_num_cpu_devices', num_devices)
+  except RuntimeError:  # the backends are initialised: too late, and the process keeps its devices
+    return False
+  if num_devices >= host_cores() and 'xla_cpu_multi_thread_eigen' not in xla_flags:
+    # Read by XLA when the CPU client is created, i.e. at the first device access, which is after this.
+    os.environ['XLA_FLAGS'] = f'{xla_flags} --xla_cpu_multi_thread_eigen=false'.strip()
+  return True
+
+
+def enable_compilation_cache(path: str) -> None:
+  """JAX's persistent compilation cache in `path`: a later run of the same job loads its executables.
+
+  Programs that compile in under half a second are not stored (they cost less than the lookup's disk
+  traffic is worth); a cache directory the user set for JAX itself (JAX_COMPILATION_CACHE_DIR) wins.
+  """
+  if jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
 def is_writer() -> bool:

@@ -9,6 +9,7 @@ import functools
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -16,6 +17,14 @@ import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# One CPU device per test process (xdist already runs one worker per core), inherited by the main.py
+# subprocesses: ddpm_jax's own split of the cores (jobs.configure_runtime) leaves a set count alone.
+# Tests of that split clear it.
+os.environ.setdefault('JAX_NUM_CPU_DEVICES', '1')
+# One persistent compilation cache for the whole session, its xdist workers and their subprocesses (many
+# tests compile the same tiny programs), instead of the user's ~/.cache/ddpm_jax.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    tempfile.gettempdir(), f'ddpm_jax_test_cache_{os.environ.get("PYTEST_XDIST_TESTRUNUID", os.getpid())}'))
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +35,7 @@ def run_with_devices(code: str, num_devices: int = 8, timeout: int = 900, env: d
   XLA reads the device count once at start-up, which is why this needs its own process.
   """
   full_env = dict(os.environ)
+  full_env.pop('JAX_NUM_CPU_DEVICES', None)  # it would override the flag below
   full_env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_devices}'
   full_env['JAX_PLATFORMS'] = 'cpu'
   full_env['PYTHONPATH'] = REPO_ROOT + os.pathsep + full_env.get('PYTHONPATH', '')
