@@ -6,6 +6,9 @@ labels) and checks that the intended label reached the network: the output equal
 with that label, and differs from one with another label.
 """
 
+import os
+import zipfile
+
 import jax
 import numpy as np
 import pytest
@@ -121,6 +124,35 @@ def test_bpd_and_rate_distortion_use_each_test_image_true_label(run):
   # The first test image alone: its bound changes with its label (the label reaches the network).
   one = lambda y: bpd_lib.dataset_bpd(bpd_fn, params, key, images[:1], 4, mesh, labels=y)['total_bpd']
   assert one(labels[:1]) != one(_other(labels[:1]))
+
+
+def _members(path: str) -> list[tuple[str, bytes]]:
+  """The (name, bytes) of every array of a .npz, in file order: its content without the zip's
+  timestamps, which differ between two writes of the same arrays."""
+  with zipfile.ZipFile(path) as f:
+    return [(name, f.read(name)) for name in f.namelist()]
+
+
+def test_eval_fills_the_shards_the_sample_job_writes(run, tmp_path):
+  """A sample directory's shards do not depend on which job wrote them: --mode=eval's digits_fid,
+  filling the missing shards itself, writes each shard the sample job wrote, labels included."""
+  config, _, params = run
+  config = config.copy_and_resolve_references()
+  config.eval.metrics = ('digits_fid',)
+  config.eval.fid_num_samples = config.sampling.num_samples
+  workdir = str(tmp_path / 'run')
+  checkpoints.save_converted(workdir, config, params, params)
+  directory = jobs.run('sample', config, workdir)
+  num_shards = len(workdir_lib.shard_ranges(config.sampling.num_samples,
+                                            config.sampling.samples_per_shard))
+  written = [_members(workdir_lib.shard_path(directory, k)) for k in range(num_shards)]
+  assert all('labels.npy' in dict(shard) for shard in written)
+  for k in range(num_shards):
+    os.remove(workdir_lib.shard_path(directory, k))
+  metrics = jobs.run('eval', config, workdir)
+  assert metrics['digits_fid']['num_samples'] == config.sampling.num_samples
+  for k in range(num_shards):
+    assert _members(workdir_lib.shard_path(directory, k)) == written[k], f'shard {k}'
 
 
 def test_bpd_labels_are_checked(run):

@@ -37,7 +37,7 @@ from ddpm_jax.data.pipeline import load_eval_labels
 from ddpm_jax.evaluation import METRIC_NAMES
 from ddpm_jax.evaluation import bpd as bpd_lib
 from ddpm_jax.evaluation import rate_distortion as rd_lib
-from ddpm_jax.sampling.generate import generate_uint8
+from ddpm_jax.sampling.generate import generate_shard
 from ddpm_jax.streams import BPD_STREAM, SAMPLE_STREAM, stream_key
 
 # The bound is evaluated with x0_hat clipped to [-1, 1], as the reference evaluation scripts do.
@@ -146,7 +146,8 @@ def rate_distortion_metric(ctx: EvalContext) -> dict[str, Any]:
 
 def eval_samples(ctx: EvalContext, num_samples: int) -> np.ndarray:
   """uint8 [num_samples, H, W, C] from the sample directory; the missing ones are sampled first with
-  the weights at hand (the same shards, keys and settings as --mode=sample)."""
+  the weights at hand (the same shards, keys and settings as --mode=sample, and the same shard
+  content: `generate_shard`, with a class-conditional model's labels)."""
   c = ctx.config
   directory = workdir_lib.sample_dir(ctx.workdir, c.eval.sample_dir)
   try:
@@ -159,8 +160,8 @@ def eval_samples(ctx: EvalContext, num_samples: int) -> np.ndarray:
   key = stream_key(c, SAMPLE_STREAM)
   workdir_lib.fill_sample_shards(
       directory, workdir_lib.sample_meta(c, ctx.step), max(num_samples, c.sampling.num_samples),
-      lambda start, stop: generate_uint8(sample_fn, ctx.params, key, start, stop,
-                                         c.sampling.batch_size),
+      lambda start, stop: generate_shard(sample_fn, ctx.params, key, start, stop,
+                                         c.sampling.batch_size, c.model.get('num_classes', 0)),
       is_writer=parallel.is_writer(), broadcast=parallel.broadcast_from_writer, log=logging.info)
   return workdir_lib.load_samples(directory, num_samples)
 

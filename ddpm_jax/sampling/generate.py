@@ -1,4 +1,5 @@
-"""Many samples as uint8 images, batch by batch, from a compiled `sample_fn` (see `sample_fn.py`)."""
+"""Many samples as uint8 images, batch by batch, from a compiled `sample_fn` (see `sample_fn.py`), and
+the arrays of one sample shard (`generate_shard`), the same whichever job writes it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from ddpm_jax import parallel
 from ddpm_jax.data.preprocess import to_uint8
+from ddpm_jax.sampling.sample_fn import labels_for_indices
 
 
 def generate_uint8(sample_fn: Callable[..., jax.Array], params: Any, base_key: jax.Array, start: int,
@@ -25,3 +27,18 @@ def generate_uint8(sample_fn: Callable[..., jax.Array], params: Any, base_key: j
     samples = parallel.to_host(sample_fn(params, base_key, indices))
     out.append(to_uint8(np.asarray(samples))[:stop - first])
   return np.concatenate(out)
+
+
+def generate_shard(sample_fn: Callable[..., jax.Array], params: Any, base_key: jax.Array, start: int,
+                   stop: int, batch_size: int, num_classes: int = 0) -> dict[str, np.ndarray]:
+  """The arrays of the sample shard of global indices [start, stop), on every process: 'images'
+  (`generate_uint8`) and, for a class-conditional model (num_classes > 0), 'labels' int32 [stop - start],
+  the classes `sample_fn` drew them with (`labels_for_indices`).
+
+  --mode=sample and --mode=eval (filling the shards it misses) both write this, so a shard's content
+  does not depend on which job wrote it.
+  """
+  shard = {'images': generate_uint8(sample_fn, params, base_key, start, stop, batch_size)}
+  if num_classes:
+    shard['labels'] = labels_for_indices(base_key, np.arange(start, stop), num_classes)
+  return shard
