@@ -3,7 +3,8 @@
 Before these paths bound labels, a class-conditional checkpoint made each of them fail in the network
 ('pass the labels'). Each test runs the real job on a tiny class-conditional U-Net (digits have
 labels) and checks that the intended label reached the network: the output equals a computation
-with that label, and differs from one with another label.
+with that label, and differs from one with another label. The sample shards --mode=eval fills in are
+those --mode=sample writes, labels included.
 """
 
 import os
