@@ -28,12 +28,12 @@ def _shards(directory):
 
 def _count_generate_calls(monkeypatch):
   calls = []
-  original = sample_job.generate_uint8
+  original = sample_job.generate_shard
 
   def counting(*args):
     calls.append(args[3:5])
     return original(*args)
-  monkeypatch.setattr(sample_job, 'generate_uint8', counting)
+  monkeypatch.setattr(sample_job, 'generate_shard', counting)
   return calls
 
 
