@@ -8,6 +8,7 @@ forward pass (NCHW, torch weight layouts) driven by the state dict's names. Chec
 in torch's zip format by tests/torch_zip_writer.py (no PyTorch anywhere).
 """
 
+import collections
 import importlib
 import math
 import os
@@ -431,6 +432,35 @@ def test_round_trip_uses_every_tensor_once_and_fills_every_parameter(tmp_path, k
   loaded = torch_zip.load_state_dict(path)
   params = convert_torch.torch_to_flax(loaded, template(model), model.num_heads)
   assert unet.count_params(params) == sum(v.size for v in sd.values())
+  back = convert_torch.flax_to_torch(params, model.num_heads)
+  assert sorted(back) == sorted(sd)
+  for k in sd:
+    np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+
+
+def test_reader_reads_what_torch_save_writes(tmp_path):
+  """A file written by PyTorch itself (not by tests/torch_zip_writer.py): a state dict as
+  improved-diffusion saves it (`th.save(model.state_dict(), path)`: an OrderedDict of tensors, some of
+  them views sharing a storage), read by the reader and converted. Skipped where torch is absent (CI);
+  ddpm_jax never imports torch."""
+  torch = pytest.importorskip('torch')
+  kw = TINY[0].values[0]
+  model = tiny_unet(**kw)
+  sd = random_state_dict(_tiny_shapes(kw), seed=3)
+  state = collections.OrderedDict((k, torch.from_numpy(v.copy())) for k, v in sd.items())
+  shared = torch.arange(12, dtype=torch.float32)
+  state['extra.view'] = shared[2:].view(2, 5).t()  # a strided view with an offset into a shared storage
+  state['extra.base'] = shared
+  state['extra.half'] = torch.ones(3, dtype=torch.float16)
+  path = str(tmp_path / 'model.pt')
+  torch.save(state, path)
+  loaded = torch_zip.load_state_dict(path)
+  np.testing.assert_array_equal(loaded['extra.view'], np.arange(2, 12, dtype=np.float32).reshape(2, 5).T)
+  np.testing.assert_array_equal(loaded['extra.base'], np.arange(12, dtype=np.float32))
+  assert loaded['extra.half'].dtype == np.float16
+  for k in ('extra.view', 'extra.base', 'extra.half'):
+    del loaded[k]
+  params = convert_torch.torch_to_flax(loaded, template(model), model.num_heads)
   back = convert_torch.flax_to_torch(params, model.num_heads)
   assert sorted(back) == sorted(sd)
   for k in sd:
