@@ -22,7 +22,7 @@ import ml_collections
 from absl import app
 from ml_collections import config_flags
 
-from ddpm_jax import jobs
+from ddpm_jax import runtime
 from ddpm_jax.models.unet import DTYPES
 
 # Peak dense TFLOP/s per device, by (device kind family, computation dtype). Sources: NVIDIA H100 SXM
@@ -95,11 +95,11 @@ def start_run(flag_values: Any, argv: list[str], benchmark: str) -> tuple[ml_col
 
 
 def configure_runtime(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Applies what main.py runs with (`ddpm_jax.jobs.configure_runtime`: one device per core on a CPU)
+  """Applies what main.py runs with (`ddpm_jax.runtime.configure_runtime`: one device per core on a CPU)
   before any device is touched, except the compilation cache (the scripts time compilation); returns
   the settings for the record."""
   config.runtime.compilation_cache_dir = ''
-  jobs.configure_runtime(config)
+  runtime.configure_runtime(config)
   return {'cpu_devices': config.runtime.cpu_devices, 'xla_flags': os.environ.get('XLA_FLAGS', '')}
 
 

@@ -115,7 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.precision_recall_k = 5       # k-NN of improved precision / recall (iDDPM); 0 disables
   evaluation.sample_dir = ml_collections.config_dict.placeholder(str)  # default: <workdir>/samples
 
-  # --- how this machine runs it (changes no result's meaning; see ddpm_jax.jobs.configure_runtime) ---
+  # --- how this machine runs it (changes no result's meaning; see ddpm_jax.runtime) ---
   config.runtime = runtime = ml_collections.ConfigDict()
   # CPU only: JAX devices the cores are split into (data parallel, one thread each). 0: one per core
   # (at most 8) as far as the batch sizes divide; 1: one multi-threaded device, JAX's own default.

@@ -50,7 +50,7 @@ _INTEGERS = {
     'sampling.num_samples': 1, 'sampling.batch_size': 1, 'sampling.samples_per_shard': 1,
     'sampling.progressive_every': 1,
     'sampling.interpolation_num_lambdas': 2,  # lambda = 0 and 1 at least (DDPM §4.4)
-    'runtime.cpu_devices': 0,  # 0: one per core (ddpm_jax.jobs.configure_runtime)
+    'runtime.cpu_devices': 0,  # 0: one per core (ddpm_jax.runtime)
     'eval.batch_size': 1, 'eval.num_examples': 0, 'eval.num_train_examples': 0,
     'eval.fid_num_samples': 0,
 }

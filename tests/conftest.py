@@ -18,7 +18,7 @@ import pytest
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # One CPU device per test process (xdist already runs one worker per core), inherited by the main.py
-# subprocesses: ddpm_jax's own split of the cores (jobs.configure_runtime) leaves a set count alone.
+# subprocesses: ddpm_jax's own split of the cores (runtime.configure_runtime) leaves a set count alone.
 # Tests of that split clear it.
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '1')
 # One persistent compilation cache for the whole session, its xdist workers and their subprocesses (many

@@ -21,7 +21,7 @@ LAYERS = {
     # images.py writes PNGs through workdir.atomic_write, so it is a library, not core.
     'libraries': ['ddpm_jax.data', 'ddpm_jax.models', 'ddpm_jax.sampling', 'ddpm_jax.evaluation',
                   'ddpm_jax.train', 'ddpm_jax.checkpoints', 'ddpm_jax.workdir', 'ddpm_jax.images',
-                  'ddpm_jax.config'],
+                  'ddpm_jax.config', 'ddpm_jax.runtime'],
     'jobs': ['ddpm_jax.jobs'],
     # Command lines: `python main.py`, `python -m ddpm_jax.convert_tf_checkpoint` (and _torch_).
     'entry': ['main', 'ddpm_jax.convert_tf_checkpoint', 'ddpm_jax.convert_torch_checkpoint'],

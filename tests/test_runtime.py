@@ -14,18 +14,18 @@ import pytest
 
 from configs import digits, tiny
 from conftest import REPO_ROOT
-from ddpm_jax import jobs
+from ddpm_jax import runtime
 
 _PROBE = '''
 import json, os, sys
 import jax
 from configs import {module}
-from ddpm_jax import jobs
+from ddpm_jax import runtime
 config = {module}.get_config()
 for field, value in json.loads(sys.argv[1]).items():
   group, name = field.split('.')
   config[group][name] = value
-jobs.configure_runtime(config)
+runtime.configure_runtime(config)
 print(json.dumps({{'devices': jax.device_count(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
                   'cache': jax.config.jax_compilation_cache_dir}}))
 '''
@@ -54,7 +54,7 @@ def _probe(overrides: dict, env: dict | None = None, module: str = 'digits') -> 
 def test_auto_cpu_devices(cores, batches, expected):
   config = digits.get_config()
   config.training.batch_size, config.sampling.batch_size, config.eval.batch_size = batches
-  n = jobs.auto_cpu_devices(config, cores)
+  n = runtime.auto_cpu_devices(config, cores)
   assert n == expected
   assert all(b % n == 0 for b in batches)
 
@@ -64,7 +64,7 @@ def test_cpu_is_split_into_one_single_threaded_device_per_core():
   if cores < 2:
     pytest.skip('needs 2 cores')
   out = _probe({'runtime.compilation_cache_dir': ''})
-  assert out['devices'] == jobs.auto_cpu_devices(digits.get_config(), cores) >= 2
+  assert out['devices'] == runtime.auto_cpu_devices(digits.get_config(), cores) >= 2
   assert ('--xla_cpu_multi_thread_eigen=false' in out['xla_flags']) == (out['devices'] >= cores)
   assert out['cache'] is None  # '' turns the cache off
 

@@ -14,6 +14,7 @@ from ddpm_jax.data.pipeline import (
     TrainIterator,
     create_train_iterator,
     load_eval_images,
+    load_eval_labels,
 )
 from ddpm_jax.data.preprocess import to_model_range, to_uint8
 from ddpm_jax.data.sources import Source, resolve_source
@@ -23,6 +24,6 @@ from ddpm_jax.data.tfds_source import DatasetUnavailableError
 __all__ = [
     'DatasetUnavailableError', 'IMAGE_EXTENSIONS', 'InMemoryIterator', 'Source',
     'StreamingIterator', 'TrainIterator', 'create_train_iterator', 'list_image_files',
-    'load_digits_split', 'load_eval_images', 'load_image_folder', 'resolve_source', 'tf_cpu_only',
+    'load_digits_split', 'load_eval_images', 'load_eval_labels', 'load_image_folder', 'resolve_source', 'tf_cpu_only',
     'to_model_range', 'to_uint8',
 ]

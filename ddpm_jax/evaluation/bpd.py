@@ -152,6 +152,7 @@ def dataset_bpd(bpd_fn: BpdFn, params: Any, base_key: jax.Array, images: np.ndar
   if labels is not None and np.shape(labels) != (num,):
     raise ValueError(f'dataset_bpd: expected one label per image, shape ({num},); got '
                      f'{np.shape(labels)}')
+    labels = np.asarray(labels, np.int32)
   sums: dict[str, Any] = {}
   for start in range(0, num, batch_size):
     indices, rows = _padded_rows(num, start, batch_size)
@@ -159,7 +160,7 @@ def dataset_bpd(bpd_fn: BpdFn, params: Any, base_key: jax.Array, images: np.ndar
     args = [parallel.shard_batch(data.to_model_range(images[rows][local]), mesh),
             parallel.shard_batch(indices[local], mesh)]
     if labels is not None:
-      args.append(parallel.shard_batch(np.asarray(labels, np.int32)[rows][local], mesh))
+      args.append(parallel.shard_batch(labels[rows][local], mesh))
     out = parallel.to_host(bpd_fn(params, base_key, *args))
     valid = indices < num
     for name in SCALAR_TERMS + PER_T_TERMS:

@@ -19,7 +19,7 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from ddpm_jax import parallel
+from ddpm_jax import parallel, runtime
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.config import validate_config
 from ddpm_jax.data.tf_cpu import tf_cpu_only
@@ -32,12 +32,12 @@ def setup(config: ml_collections.ConfigDict) -> Mesh:
   """Once per process, before any job: hosts, TF off the accelerators, the mesh, the config checked.
 
   Joins the other hosts first (`training.distributed`: nothing may touch a device before), applies
-  `configure_runtime` (CPU devices, compilation cache), hides every
+  `runtime.configure_runtime` (CPU devices, compilation cache), hides every
   GPU / TPU from TensorFlow (a data loader here, which must leave accelerator memory to JAX), builds
   the mesh of all devices and validates the whole config against it. Returns the mesh.
   """
   parallel.maybe_initialize_distributed(config.training.distributed)
-  configure_runtime(config)
+  runtime.configure_runtime(config)
   tf_cpu_only()
   mesh = parallel.create_mesh()
   validate_config(config, num_devices=mesh.devices.size, num_processes=jax.process_count())
@@ -45,38 +45,6 @@ def setup(config: ml_collections.ConfigDict) -> Mesh:
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   return mesh
-
-
-MAX_CPU_DEVICES = 8  # each holds a replica of the params and optimizer state: 8 x 572 MB for CIFAR10
-
-
-def configure_runtime(config: ml_collections.ConfigDict) -> None:
-  """The speed settings of `config.runtime`, applied before any device is touched.
-
-  - JAX's persistent compilation cache (`runtime.compilation_cache_dir`; '' turns it off), so that a
-    second run of a job loads its compiled programs instead of compiling them again.
-  - On a CPU, one JAX device per core (`runtime.cpu_devices`; 0 picks the most, up to
-    MAX_CPU_DEVICES, that every global batch size splits over): see `parallel.split_host_cpu`.
-    Results then differ from a single-device run only by float32 reduction order. Not applied to a
-    multi-host run (`training.distributed`), whose device layout is the launcher's.
-
-  Ill-typed fields are left for `validate_config` to report.
-  """
-  runtime = config.runtime
-  cache = runtime.compilation_cache_dir
-  if cache is None:
-    cache = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.join('~', '.cache'), 'ddpm_jax', 'jax')
-  if cache:
-    parallel.enable_compilation_cache(cache)
-  if not config.training.distributed and isinstance(runtime.cpu_devices, int) and runtime.cpu_devices >= 0:
-    parallel.split_host_cpu(runtime.cpu_devices or auto_cpu_devices(config, parallel.host_cores()))
-
-
-def auto_cpu_devices(config: ml_collections.ConfigDict, cores: int) -> int:
-  """The most CPU devices, at most one per core and MAX_CPU_DEVICES, that every global batch splits over."""
-  batches = (config.training.batch_size, config.sampling.batch_size, config.eval.batch_size)
-  return next((n for n in range(min(cores, MAX_CPU_DEVICES), 0, -1)
-              if all(isinstance(b, int) and b % n == 0 for b in batches)), 1)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,

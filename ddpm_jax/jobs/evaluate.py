@@ -33,7 +33,6 @@ from jax.sharding import Mesh
 
 from ddpm_jax import checkpoints, data, diffusion, models, parallel, sampling
 from ddpm_jax import workdir as workdir_lib
-from ddpm_jax.data.pipeline import load_eval_labels
 from ddpm_jax.evaluation import METRIC_NAMES
 from ddpm_jax.evaluation import bpd as bpd_lib
 from ddpm_jax.evaluation import rate_distortion as rd_lib
@@ -61,7 +60,7 @@ def split_terms(ctx: EvalContext, split: str, num_examples: int) -> dict[str, An
   """`dataset_bpd` means of the first num_examples images of `split`, cached on disk.
 
   A class-conditional model's bound is that of p(x | y), each image with its own label from the
-  split (`data.pipeline.load_eval_labels`), as improved-diffusion's image_nll.py with class_cond.
+  split (`data.load_eval_labels`), as improved-diffusion's image_nll.py with class_cond.
   """
   path = os.path.join(ctx.eval_dir, f'terms_{split}.npz')
   # A damaged cache is recomputed, like a stale one (process 0 sets it aside).
@@ -76,7 +75,7 @@ def split_terms(ctx: EvalContext, split: str, num_examples: int) -> dict[str, An
   bpd_fn = bpd_lib.make_bpd_fn(coefs, models.create_model(config), ctx.mesh,
                                clip_denoised=BPD_CLIP_DENOISED)
   key = stream_key(config, BPD_STREAM)
-  labels = (load_eval_labels(config, split, num_examples)
+  labels = (data.load_eval_labels(config, split, num_examples)
             if config.model.get('num_classes', 0) else None)
   terms = bpd_lib.dataset_bpd(bpd_fn, ctx.params, key, images, config.eval.batch_size, ctx.mesh,
                               labels=labels)

@@ -1,7 +1,7 @@
 """--mode=interpolate (DDPM §4.4, Fig. 8): latent interpolation between pairs of test images.
 
 A class-conditional model (config.model.num_classes > 0) decodes with the test images' own labels
-(`data.pipeline.load_eval_labels`): each mixed latent with the label of the end that weighs more in
+(`data.load_eval_labels`): each mixed latent with the label of the end that weighs more in
 it (`interpolation.interpolation_labels`), so both ends are reconstructions under their true class.
 """
 
@@ -13,7 +13,6 @@ from jax.sharding import Mesh
 
 from ddpm_jax import checkpoints, data, images, models, parallel, sampling
 from ddpm_jax import workdir as workdir_lib
-from ddpm_jax.data.pipeline import load_eval_labels
 from ddpm_jax.sampling import interpolation
 from ddpm_jax.streams import INTERPOLATION_STREAM, stream_key
 
@@ -33,7 +32,7 @@ def _pairs(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
 
 def _pair_labels(config: ml_collections.ConfigDict, num_pairs: int) -> np.ndarray:
   """int32 [P, 2]: the labels of `_pairs`' images (class-conditional models)."""
-  labels = load_eval_labels(config, config.data.eval_split, 2 * num_pairs)
+  labels = data.load_eval_labels(config, config.data.eval_split, 2 * num_pairs)
   return labels[:2 * num_pairs].reshape(num_pairs, 2)
 
 
