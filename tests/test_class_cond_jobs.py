@@ -125,6 +125,8 @@ def test_bpd_and_rate_distortion_use_each_test_image_true_label(run):
   # The first test image alone: its bound changes with its label (the label reaches the network).
   one = lambda y: bpd_lib.dataset_bpd(bpd_fn, params, key, images[:1], 4, mesh, labels=y)['total_bpd']
   assert one(labels[:1]) != one(_other(labels[:1]))
+  # Labels as a plain list (or int64) are converted once: the same bound.
+  assert one([int(labels[0])]) == one(labels[:1])
 
 
 def _members(path: str) -> list[tuple[str, bytes]]:

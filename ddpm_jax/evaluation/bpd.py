@@ -152,6 +152,7 @@ def dataset_bpd(bpd_fn: BpdFn, params: Any, base_key: jax.Array, images: np.ndar
   if labels is not None and np.shape(labels) != (num,):
     raise ValueError(f'dataset_bpd: expected one label per image, shape ({num},); got '
                      f'{np.shape(labels)}')
+  if labels is not None:
     labels = np.asarray(labels, np.int32)
   sums: dict[str, Any] = {}
   for start in range(0, num, batch_size):

@@ -9,8 +9,8 @@ are functions of (seed, step), the resumed run is bit-identical to an uninterrup
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import functools
 import signal
 import threading
 from collections.abc import Iterator
@@ -61,10 +61,31 @@ def _check_finite(state: TrainState) -> None:
         'Lower optim.learning_rate, check the data, or enable optim.grad_clip.')
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
+# Train steps dispatched ahead of the devices at most. With several XLA:CPU devices (ddpm_jax's default
+# on a CPU), hundreds of queued steps can deadlock in the step's all-reduce (jaxlib 0.10.2: 300 queued
+# digits steps on 2 devices abort in rendezvous.cc after 40 s); a short queue costs no throughput
+# (BENCHMARKS.md) and bounds the batches held on the devices.
+MAX_STEPS_IN_FLIGHT = 4
+
+
+class _DispatchQueue:
+  """Lets the host run at most `limit` steps ahead: `push` waits for the step `limit` back."""
+
+  def __init__(self, limit: int):
+    self._limit = limit
+    self._pending: collections.deque[jax.Array] = collections.deque()
+
+  def push(self, marker: jax.Array) -> None:
+    self._pending.append(marker)
+    if len(self._pending) > self._limit:
+      self._pending.popleft().block_until_ready()
+
+
+@jax.jit
 def _accumulate(total: dict[str, jax.Array], metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
   # A running sum on the device instead of a list of log_every per-step buffers reduced op by op
   # at log time (whose last, shorter window retraced the reduction); still no host sync per step.
+  # Not donated: a step's loss stays valid for the dispatch queue.
   return jax.tree.map(jnp.add, total, metrics)
 
 
@@ -151,6 +172,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager:
   metric_sum: dict[str, jax.Array] | None = None
   metric_count = 0
   grid_sample_fn = None
+  dispatched = _DispatchQueue(MAX_STEPS_IN_FLIGHT)
 
   try:
     for step in range(start_step + 1, num_steps + 1):
@@ -158,6 +180,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager:
         # images, or (images, labels) for a class-conditional model: each split over `data`.
         batch = jax.tree.map(lambda x: parallel.shard_batch(x, mesh), next(data_iterator))
         state, metrics = train_step(state, batch, train_key)
+      dispatched.push(metrics['loss'])
       metric_sum = metrics if metric_sum is None else _accumulate(metric_sum, metrics)
       metric_count += 1
       progress(step)
