@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bench import common, hlo_kernels
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, TEST_XLA_FLAGS
 
 TINY = ['--config=configs/tiny.py']
 META_KEYS = ('date', 'command', 'config', 'machine', 'devices', 'versions', 'batch_size', 'dtype',
@@ -22,7 +22,7 @@ META_KEYS = ('date', 'command', 'config', 'machine', 'devices', 'versions', 'bat
 def _run(script: str, args: list[str], out: str, env: dict[str, str] | None = None
          ) -> tuple[dict[str, Any], str]:
   full_env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-  full_env.pop('XLA_FLAGS', None)
+  full_env['XLA_FLAGS'] = TEST_XLA_FLAGS  # no device-count flags; the suite's compile speed-up
   full_env.pop('JAX_COMPILATION_CACHE_DIR', None)  # the scripts time compilation: no cache hits
   full_env.update(env or {})
   env = {k: v for k, v in full_env.items() if v}  # an empty value removes the variable

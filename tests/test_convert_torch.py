@@ -549,6 +549,7 @@ def get_config():
 '''
 
 
+@pytest.mark.slow
 def test_command_line_writes_a_workdir_that_sample_and_eval_load(tmp_path):
   config_path = tmp_path / 'tiny_iddpm.py'
   config_path.write_text(textwrap.dedent(_TINY_CONFIG))

@@ -91,6 +91,7 @@ def test_compilation_cache_location(tmp_path):
   assert out['cache'] == str(tmp_path / 'jax')
 
 
+@pytest.mark.slow
 def test_a_second_run_loads_its_programs_from_the_cache(tmp_path):
   """The train step of configs/tiny.py compiles for over a second; the second process finds it."""
   cache = tmp_path / 'cache'

@@ -197,6 +197,7 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_importance_sampler_state_is_trained_and_checkpointed(tmp_path):
   config, state = _run(tmp_path, 'is', 3, training__importance_sampling=True)
   counts = np.asarray(state.sampler_state.counts)
