@@ -76,7 +76,7 @@ def split_terms(ctx: EvalContext, split: str, num_examples: int) -> dict[str, An
                                clip_denoised=BPD_CLIP_DENOISED)
   key = stream_key(config, BPD_STREAM)
   labels = (data.load_eval_labels(config, split, num_examples)
-            if config.model.get('num_classes', 0) else None)
+            if models.num_classes(config) else None)
   terms = bpd_lib.dataset_bpd(bpd_fn, ctx.params, key, images, config.eval.batch_size, ctx.mesh,
                               labels=labels)
   if parallel.is_writer():
@@ -160,7 +160,7 @@ def eval_samples(ctx: EvalContext, num_samples: int) -> np.ndarray:
   workdir_lib.fill_sample_shards(
       directory, workdir_lib.sample_meta(c, ctx.step), max(num_samples, c.sampling.num_samples),
       lambda start, stop: generate_shard(sample_fn, ctx.params, key, start, stop,
-                                         c.sampling.batch_size, c.model.get('num_classes', 0)),
+                                         c.sampling.batch_size, models.num_classes(c)),
       is_writer=parallel.is_writer(), broadcast=parallel.broadcast_from_writer, log=logging.info)
   return workdir_lib.load_samples(directory, num_samples)
 

@@ -53,7 +53,7 @@ def interpolate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> 
   s = config.sampling
   lambdas = np.linspace(0.0, 1.0, s.interpolation_num_lambdas, dtype=np.float32)
   x_a, x_b = _pairs(config)
-  labels = _pair_labels(config, len(x_a)) if config.model.get('num_classes', 0) else None
+  labels = _pair_labels(config, len(x_a)) if models.num_classes(config) else None
 
   def run(params, x_a, x_b, lambdas, indices, labels):
     keys = sampling.per_sample_keys(stream_key(config, INTERPOLATION_STREAM), indices)

@@ -27,7 +27,7 @@ def progressive(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> 
   model = models.create_model(config)
   every = config.sampling.progressive_every
   shape = (NUM_ROWS,) + sampling.image_shape(config)
-  num_classes = config.model.get('num_classes', 0)
+  num_classes = models.num_classes(config)
 
   def run(params, indices):
     keys = sampling.per_sample_keys(stream_key(config, PROGRESSIVE_STREAM), indices)

@@ -33,7 +33,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> str:
   s = config.sampling
   sample_fn = sampling.make_sample_fn(config, models.create_model(config), mesh)
   key = stream_key(config, SAMPLE_STREAM)
-  num_classes = config.model.get('num_classes', 0)
+  num_classes = models.num_classes(config)
   workdir_lib.fill_sample_shards(
       directory, workdir_lib.sample_meta(config, step), s.num_samples,
       lambda start, stop: generate_shard(sample_fn, params, key, start, stop, s.batch_size, num_classes),

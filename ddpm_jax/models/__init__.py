@@ -11,8 +11,9 @@ from ddpm_jax.models.unet import (
     count_params,
     create_model,
     init_params,
+    num_classes,
     param_shapes,
 )
 
 __all__ = ['ATTN_IMPLEMENTATIONS', 'DTYPES', 'MODEL_NAMES', 'UNet', 'count_params', 'create_model',
-           'init_params', 'param_shapes']
+           'init_params', 'num_classes', 'param_shapes']

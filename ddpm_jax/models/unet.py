@@ -208,6 +208,12 @@ def attention_channels(ch: int, ch_mult: Sequence[int], attn_resolutions: Sequen
   return {ch * c for c, r in zip(ch_mult, res) if r in attn_resolutions} | {ch * ch_mult[-1]}
 
 
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  """The classes of a class-conditional model (iDDPM's class_cond), 0 for an unconditional one; configs
+  written before `model.num_classes` existed are unconditional."""
+  return int(config.model.get('num_classes', 0))
+
+
 def create_model(config: ml_collections.ConfigDict) -> UNet:
   """Builds the UNet from config.model; its output has C (or 2C when learn_sigma) channels.
 
@@ -223,7 +229,7 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
               scale_shift_norm=m.scale_shift_norm, dropout=float(m.dropout),
               resamp_with_conv=m.resamp_with_conv, dtype=DTYPES[m.dtype],
               attn_implementation=m.get('attn_implementation'),
-              num_classes=int(m.get('num_classes', 0)))
+              num_classes=num_classes(config))
 
 
 @functools.lru_cache(maxsize=16)

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from ddpm_jax import diffusion, parallel
+from ddpm_jax import diffusion, models, parallel
 from ddpm_jax.sampling.ancestral import p_sample
 from ddpm_jax.sampling.ddim import ddim_sample
 from ddpm_jax.sampling.loop import StepFn, sample_loop
@@ -132,7 +132,7 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: Any, mesh: Mesh) ->
   """
   coefs = sampling_coefficients(config)
   shape = image_shape(config)
-  num_classes = int(config.model.get('num_classes', 0))
+  num_classes = models.num_classes(config)
 
   def sample(params, base_key, indices, labels=None):
     keys = per_sample_keys(base_key, indices)
