@@ -45,9 +45,12 @@ def _copy(trained: str, tmp_path) -> str:
   return workdir
 
 
+def _array_files(workdir: str, step: int) -> list[str]:
+  return glob.glob(os.path.join(workdir, 'checkpoints', str(step), 'state', '**', 'd', '*'), recursive=True)
+
+
 def _largest_array_file(workdir: str, step: int) -> str:
-  files = glob.glob(os.path.join(workdir, 'checkpoints', str(step), 'state', '**', 'd', '*'), recursive=True)
-  return max(files, key=os.path.getsize)
+  return max(_array_files(workdir, step), key=os.path.getsize)
 
 
 def _damaged_dirs(workdir: str) -> list[str]:
@@ -91,8 +94,11 @@ def test_deleted_file_in_newest_checkpoint_falls_back_keeps_it_and_training_cont
 
 def test_truncated_array_file_falls_back_to_the_previous_step(trained, tmp_path, caplog):
   workdir = _copy(trained, tmp_path)
-  with open(_largest_array_file(workdir, 4), 'r+b') as f:
-    f.truncate(100)
+  # Every array file: which arrays orbax groups into which file varies from run to run, and inference
+  # reads only the weights, so one truncated file may hold only Adam moments (a CI run found that).
+  for path in _array_files(workdir, 4):
+    with open(path, 'r+b') as f:
+      f.truncate(min(100, os.path.getsize(path) // 2))
   caplog.set_level(logging.WARNING)
   config = _train_config(4)
   # Sampling skips it (and leaves it: only training moves checkpoints) ...
