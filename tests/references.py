@@ -178,3 +178,14 @@ def ref_vb_bits(betas, mean_type, var_type, model_output, x0, x_t, t, clip=False
   nll = -ref_discretized_log_likelihood(x0, p['mean'], 0.5 * p['log_variance'])
   per_pixel = np.where(np.reshape(t, (-1, 1, 1, 1)) == 0, nll, kl)
   return per_pixel.reshape(len(t), -1).mean(axis=1) / LN2
+
+
+def ref_frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+  """Fréchet distance of two Gaussians (TTUR, Heusel et al. 2017) without a non-symmetric sqrtm:
+  Tr sqrt(S1 S2) = Tr sqrt(S1^1/2 S2 S1^1/2), the eigenvalues of a symmetric PSD matrix (clipped at 0,
+  so a singular covariance of few samples is fine); two `eigh` instead of a Schur decomposition."""
+  mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
+  w, v = np.linalg.eigh(sigma1)
+  root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+  tr_covmean = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ sigma2 @ root1), 0.0, None)))
+  return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)

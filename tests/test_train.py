@@ -222,28 +222,13 @@ print('devices', jax.device_count())
 '''
 
 
-@pytest.mark.multidevice
-def test_one_device_and_eight_devices_agree(tmp_path):
-  outs = {}
-  for n in (1, 8):
-    out = str(tmp_path / f'params_{n}.npz')
-    stdout = run_with_devices(_TRAIN_AND_DUMP.format(workdir=str(tmp_path / f'w{n}'), out=out), num_devices=n)
-    assert f'devices {n}' in stdout
-    outs[n] = np.load(out)
-  for key in outs[1].files:
-    np.testing.assert_allclose(outs[1][key], outs[8][key], rtol=2e-4, atol=2e-6)
-
-
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_with_jax_distributed_agree(tmp_path):
-  port = _free_port()
-  code = textwrap.dedent('''
+_TWO_PROCESSES = textwrap.dedent('''
     import sys, jax
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address='127.0.0.1:{port}', num_processes=2,
@@ -258,22 +243,40 @@ def test_two_processes_with_jax_distributed_agree(tmp_path):
     state = jobs.run('train', config, {workdir!r})
     np.savez({out!r} + sys.argv[1] + '.npz', *[np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))])
     assert jax.process_count() == 2 and jax.device_count() == 2
-  ''').format(port=port, workdir=str(tmp_path / 'w'), out=str(tmp_path / 'params_'))
+  ''')
+
+
+def _train_two_processes(tmp_path) -> list[np.lib.npyio.NpzFile]:
+  """Two processes of one device each (jax.distributed over gloo), their trained params."""
+  code = _TWO_PROCESSES.format(port=_free_port(), workdir=str(tmp_path / 'w2p'), out=str(tmp_path / 'params_2p_'))
   env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu')
   procs = [subprocess.Popen([sys.executable, '-c', code, str(i)], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, output in zip(procs, outputs):
     assert p.returncode == 0, output[-4000:]
-  a, b = np.load(str(tmp_path / 'params_0.npz')), np.load(str(tmp_path / 'params_1.npz'))
-  for key in a.files:
+  return [np.load(str(tmp_path / f'params_2p_{i}.npz')) for i in range(2)]
+
+
+@pytest.mark.multidevice
+def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
+  """The same 2 training steps on 1 device, on 8 devices and on two processes (jax.distributed) give the
+  same params: one code path from 1 CPU to several hosts. (One test: the 1-device run is the reference
+  of both comparisons.)"""
+  outs = {}
+  for n in (1, 8):
+    out = str(tmp_path / f'params_{n}.npz')
+    stdout = run_with_devices(_TRAIN_AND_DUMP.format(workdir=str(tmp_path / f'w{n}'), out=out), num_devices=n)
+    assert f'devices {n}' in stdout
+    outs[n] = np.load(out)
+  for key in outs[1].files:
+    np.testing.assert_allclose(outs[1][key], outs[8][key], rtol=2e-4, atol=2e-6)
+
+  a, b = _train_two_processes(tmp_path)
+  for key in a.files:  # the processes hold the same replicated params ...
     np.testing.assert_array_equal(a[key], b[key])
-  # ... and they equal a single-process run on the same global batch.
-  single = str(tmp_path / 'single.npz')
-  run_with_devices(_TRAIN_AND_DUMP.format(workdir=str(tmp_path / 'w1'), out=single), num_devices=2)
-  ref = np.load(single)
-  for key in a.files:
-    np.testing.assert_allclose(a[key], ref[key], rtol=2e-4, atol=2e-6)
+  for key in a.files:  # ... and they equal a single-process run on the same global batch.
+    np.testing.assert_allclose(a[key], outs[1][key], rtol=2e-4, atol=2e-6)
 
 
 def test_checkpoints_written_before_newer_config_fields_still_restore(tmp_path):
