@@ -126,9 +126,11 @@ def test_every_grey_file_gives_the_8bit_values(grey_folder, channels):
 
 @pytest.mark.parametrize('channels', [1, 3])
 def test_folder_of_mixed_modes_loads_alike(grey_folder, channels):
-  """load_image_folder over the listed formats (.png, .jpg; TIFF is not listed), resized to 32."""
+  """load_image_folder over the listed formats (.png, .jpg, .tif: 16-bit and 32-bit TIFFs included),
+  resized to 32."""
   folder, files = grey_folder
   listed = [name for name in files if name.endswith(image_folder.IMAGE_EXTENSIONS)]
+  assert len(listed) == len(files) and any(name.endswith('.tif') for name in listed)
   images = image_folder.load_image_folder(str(folder), None, 32, channels)
   assert images.shape == (len(listed), 32, 32, channels) and images.dtype == np.uint8
   by_name = dict(zip(sorted(files[name][0] for name in listed), images))

@@ -1,4 +1,4 @@
-"""A directory tree of PNG / JPEG (/ BMP, GIF, WebP) files as a dataset, decoded with Pillow.
+"""A directory tree of PNG / JPEG (/ TIFF, BMP, GIF, WebP) files as a dataset, decoded with Pillow.
 
 Files are found recursively and taken in sorted path order, so a folder always means the same
 sequence of images. A split name selects the subfolder `<folder>/<split>` when it exists (the usual
@@ -38,7 +38,8 @@ from PIL import Image, ImageOps
 
 from ddpm_jax.data import preprocess
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
+# TIFF is listed for its 16-bit grey files (scientific and scanned images), read as the table above says.
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.gif', '.webp')
 _MODES = {1: 'L', 3: 'RGB'}
 # Pillow modes by how they reach 8 bits (see the module docstring).
 _GREY_8BIT_MODES = ('1', 'L', 'LA')
