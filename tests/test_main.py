@@ -39,7 +39,9 @@ def _grid_tiles(path: str, num: int, size: int) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_train_resume_sample_eval(tmp_path):
+def test_train_resume_sample_eval_progressive_interpolate(tmp_path):
+  """Every job of main.py on one workdir, in the order a user runs them (one test: each job after
+  the first needs a trained workdir, and training one per test costs a subprocess each)."""
   workdir = str(tmp_path / 'run')
   _main(workdir, '--config.training.num_train_steps=2')
   # 8 samples of 8x8 (configs/tiny.py): each varies, and no two are alike (each has its own noise).
@@ -71,16 +73,10 @@ def test_train_resume_sample_eval(tmp_path):
     assert 0 < bpd[f'{split}_prior_bpd'] < bpd[f'{split}_bpd'] < 12, bpd
   assert bpd['generalization_gap_bpd'] == pytest.approx(bpd['test_bpd'] - bpd['train_bpd'])
 
-
-@pytest.mark.slow
-def test_progressive_and_interpolate(tmp_path):
-  workdir = str(tmp_path / 'run')
-  _main(workdir, '--config.training.num_train_steps=1', '--config.training.num_grid_samples=0')
   _main(workdir, '--mode=progressive', '--config.sampling.progressive_every=5')
   _main(workdir, '--mode=interpolate', '--config.sampling.interpolation_t=10',
         '--config.sampling.interpolation_num_lambdas=3')
-  pngs = [f for f in os.listdir(workdir) if f.endswith('.png')] + [
-      f for root, _, files in os.walk(workdir) for f in files if f.endswith('.png')]
+  pngs = [f for root, _, files in os.walk(workdir) for f in files if f.endswith('.png')]
   assert any('progressive' in f for f in pngs) and any('interpol' in f for f in pngs), pngs
 
 
