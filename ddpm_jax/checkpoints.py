@@ -24,6 +24,7 @@ import errno
 import json
 import logging as py_logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -264,6 +265,36 @@ def _reason(e: BaseException) -> str:
   return f'{type(e).__name__}: {text[:300]}{"..." if len(text) > 300 else ""}'
 
 
+# What the reads of a failed restore leave behind (see _ignore_late_reads_of_failed_restores).
+_LOOP_CLOSED = 'Event loop is closed'
+_READ_FAILED = 'Encountered error while reading array index'  # orbax's message for a failed array read
+
+
+def _ignore_late_reads_of_failed_restores() -> None:
+  """Keeps the leftovers of a failed restore out of stderr (installed once, for the process).
+
+  When one array of a step fails to read, orbax's restore raises and closes its asyncio event loop while
+  the step's other reads are still running: each read that fails too leaves its exception in a coroutine
+  nobody awaits any more, and each that completes calls back into the closed loop from a tensorstore
+  thread (RuntimeError('Event loop is closed')). Python prints all of them as ignored exceptions, each
+  with TensorStore's multi-kilobyte spec: hundreds of lines for one damaged step, after the one warning
+  that already names the step and the reason. Exactly these two kinds are dropped; any other unraisable
+  exception reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'ddpm_jax_filter', False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    exc = unraisable.exc_value
+    late_read = (isinstance(exc, RuntimeError) and str(exc) == _LOOP_CLOSED) or str(exc).startswith(_READ_FAILED)
+    if not late_read:
+      previous(unraisable)
+
+  hook.ddpm_jax_filter = True
+  sys.unraisablehook = hook
+
+
 def _restore_newest(manager: ocp.CheckpointManager, config: ml_collections.ConfigDict,
                     restore_step: Any, *, set_aside: bool) -> tuple[Any, int] | None:
   """(restore_step(step, meta), step) of the newest step that restores completely; None if none.
@@ -277,6 +308,7 @@ def _restore_newest(manager: ocp.CheckpointManager, config: ml_collections.Confi
     DamagedCheckpointError: steps exist but none restores; lists each step and why.
   """
   failures, first_diffs = [], None
+  _ignore_late_reads_of_failed_restores()
   for step in sorted(manager.all_steps(), reverse=True):
     path = _step_path(manager, step)
     try:
