@@ -288,9 +288,10 @@ def test_eval_job_fid_is_the_same_through_both_backends(synthetic_graph, tmp_pat
   from conftest import tiny_config, write_checkpoint  # pylint: disable=import-outside-toplevel
   from ddpm_jax import jobs  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(inc, 'DEFAULT_CACHE_DIR', str(tmp_path / 'cache'))
-  # The same Fréchet distance by two eigh instead of four 2048-d sqrtm (~25 s each on 2 cores; the
-  # sqrtm path itself is test_fid_and_is_end_to_end_on_random_weights'): what is compared here is
-  # the statistics each backend's features give.
+  # The same Fréchet distance by two eigh instead of four 2048-d sqrtm (the test alone took 66 s with
+  # them, 31 s without, on a 2-core Zen 5 VM; the sqrtm path itself is
+  # test_fid_and_is_end_to_end_on_random_weights'): what is compared here is the statistics each
+  # backend's features give.
   monkeypatch.setattr(fid, 'frechet_distance', ref_frechet_distance)
   results = {}
   for backend in fid.INCEPTION_BACKENDS:
