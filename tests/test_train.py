@@ -177,6 +177,30 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(x).all() for x in _leaves(restored.params))
 
 
+def test_a_non_finite_step_freezes_the_whole_state_bit_exactly():
+  """The step's guard (a `lax.cond` since issue #16): from the first non-finite loss on, params, EMA,
+  Adam moments and sampler history keep their last good bits; only `step` moves, and
+  `nonfinite_step` records the first bad step and stays."""
+  config = tiny.get_config()
+  config.training.importance_sampling = True
+  mesh = parallel.create_mesh(jax.local_devices()[:1])
+  step = step_lib.jit_train_step(models.create_model(config),
+                                 diffusion.coefficients_from_config(config.diffusion), mesh)
+  state = state_lib.create_train_state(config, jax.random.key(0))
+  good = np.random.default_rng(0).uniform(-1, 1, (config.training.batch_size, 8, 8, 1)).astype(np.float32)
+  key = jax.random.key(1)
+  state, _ = step(state, good, key)
+  frozen = _leaves((state.params, state.ema_params, state.opt_state, state.sampler_state))
+  state, metrics = step(state, np.full_like(good, np.nan), key)
+  assert not np.isfinite(float(metrics['loss']))
+  for _ in range(2):  # ... and a finite loss afterwards does not thaw it
+    assert (int(state.step), int(state.nonfinite_step)) in ((2, 1), (3, 1))
+    for a, b in zip(frozen, _leaves((state.params, state.ema_params, state.opt_state, state.sampler_state))):
+      np.testing.assert_array_equal(a, b)
+    state, _ = step(state, good, key)
+  assert int(state.step) == 4 and int(state.nonfinite_step) == 1
+
+
 def test_sigterm_checkpoints_and_stops(tmp_path):
   config = tiny.get_config()
   config.training.num_train_steps = 1000
