@@ -91,7 +91,8 @@ def lowered_function(config: ml_collections.ConfigDict, what: str, mesh: Mesh) -
   batch = jax.ShapeDtypeStruct((config.training.batch_size, size, size, channels), jnp.float32,
                                sharding=batch_sharding)
   if what == 'train':
-    step = jit_train_step(model, diffusion.coefficients_from_config(config.diffusion), mesh)
+    step = jit_train_step(model, diffusion.coefficients_from_config(config.diffusion), mesh,
+                          config.runtime.gradient_all_reduce)
     state = jax.eval_shape(lambda key: create_train_state(config, key), jax.random.key(0))
     return step.lower(_placed(state, repl), batch, _placed(jax.eval_shape(jax.random.key, 0), repl))
   params = models.param_shapes(config)

@@ -60,7 +60,8 @@ def setup(config: ml_collections.ConfigDict, mesh: Any) -> dict[str, Any]:
   """The jitted step (as the training loop builds it) and its device-resident inputs."""
   repl = parallel.replicated_sharding(mesh)
   model = models.create_model(config)
-  step = jit_train_step(model, diffusion.coefficients_from_config(config.diffusion), mesh)
+  step = jit_train_step(model, diffusion.coefficients_from_config(config.diffusion), mesh,
+                        config.runtime.gradient_all_reduce)
   init = jax.jit(functools.partial(create_train_state, config), out_shardings=repl)
   state = init(stream_key(config, INIT_STREAM))
   c, size = config.data.num_channels, config.data.image_size

@@ -123,4 +123,8 @@ def get_config() -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache: None: ~/.cache/ddpm_jax/jax (or $XDG_CACHE_HOME/ddpm_jax/jax);
   # '': off. JAX_COMPILATION_CACHE_DIR, if set, wins.
   runtime.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
+  # How the train step sums the gradient over devices: 'flat' (one all-reduce of one buffer),
+  # 'per_weight' (XLA's, one operand per weight, overlapped with the backward pass on accelerators) or
+  # 'auto' ('flat' on a CPU with several devices): ddpm_jax.parallel.GRADIENT_ALL_REDUCES.
+  runtime.gradient_all_reduce = 'auto'
   return config

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import jax
 import ml_collections
 
-from ddpm_jax import diffusion, evaluation, models, sampling, train
+from ddpm_jax import diffusion, evaluation, models, parallel, sampling, train
 from ddpm_jax.data import sources
 from ddpm_jax.evaluation import fid
 from ddpm_jax.models import layers, unet
@@ -35,6 +35,7 @@ _CHOICES = {
     'sampling.method': sampling.METHODS,
     'model.name': models.MODEL_NAMES,
     'model.dtype': tuple(models.DTYPES),
+    'runtime.gradient_all_reduce': parallel.GRADIENT_ALL_REDUCES,
 }
 
 # Integer fields and the smallest value each allows.
@@ -150,6 +151,13 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
   for field, value in _leaves(config):
     if not _is_finite(value):
       _fail(field, value, 'expected finite numbers')
+
+
+def _check_runtime(config: ml_collections.ConfigDict) -> None:
+  if config.runtime.gradient_all_reduce == 'flat' and config.model.dropout > 0:
+    _fail('runtime.gradient_all_reduce', 'flat',
+          f'with model.dropout={config.model.dropout}: a per-device gradient cannot draw the global '
+          "batch's dropout masks; use 'auto' or 'per_weight' (or model.dropout=0)")
 
 
 def _check_diffusion(config: ml_collections.ConfigDict) -> None:
@@ -313,4 +321,5 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   _check_data(config)
   _check_model(config)
   _check_eval(config)
+  _check_runtime(config)
   return config

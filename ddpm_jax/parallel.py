@@ -14,10 +14,16 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
+# How the train step sums its gradient over devices (`runtime.gradient_all_reduce`): 'per_weight', XLA's
+# SPMD partitioner all-reduces each weight's gradient where it is produced (accelerators overlap these with
+# the backward pass); 'flat', one all-reduce of the whole gradient as a single buffer (`sum_over_devices`);
+# 'auto', 'flat' on a CPU mesh of several devices, else 'per_weight'.
+GRADIENT_ALL_REDUCES = ('auto', 'flat', 'per_weight')
 
 
 def maybe_initialize_distributed(enabled: bool) -> None:
@@ -91,6 +97,42 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def flat_all_reduce(mode: str, mesh: Mesh) -> bool:
+  """Whether `mode` (one of GRADIENT_ALL_REDUCES) sums the gradient as one flat buffer on `mesh`.
+
+  'auto' does on a CPU mesh of several devices: XLA:CPU runs an all-reduce of many operands as one
+  rendezvous of the devices per operand (154 per step of configs/digits.py's 145 weights, a fifth of its
+  step on 2 cores), while one buffer needs one (BENCHMARKS.md, issue #16). One device needs neither.
+  """
+  if mode not in GRADIENT_ALL_REDUCES:
+    raise ValueError(f'gradient_all_reduce={mode!r}: expected one of {GRADIENT_ALL_REDUCES}')
+  if mesh.devices.size == 1:
+    return False
+  return mode == 'flat' or (mode == 'auto' and mesh.devices.flat[0].platform == 'cpu')
+
+
+def sum_over_devices(fn: Callable[[Any, Any], tuple[Any, Any]],
+                     mesh: Mesh) -> Callable[[Any, Any], tuple[Any, Any]]:
+  """`fn(replicated, examples) -> (tree, per_example)` run on each device's share of `examples`, `tree`
+  summed over the devices as ONE flat buffer.
+
+  `examples` is a pytree of arrays whose leading axis is the global batch, split over `data`; `fn` sees
+  the device's rows and returns a pytree to sum (a gradient: each device's share of a loss already divided
+  by the global batch) and per-example arrays, which come back as global arrays. The sum ravels `tree`
+  into one vector (`jax.flatten_util.ravel_pytree`), `psum`s it and unravels it: one all-reduce, whatever
+  the number of leaves. The result equals the global `fn` up to float reduction order; any randomness must
+  already be in `examples` (drawn over the global batch), so that it does not depend on the device count.
+  """
+  def per_device(replicated: Any, examples: Any) -> tuple[Any, Any]:
+    # Marked as varying over `data` first: otherwise shard_map's autodiff would psum the gradient of each
+    # replicated leaf itself (one all-reduce operand per weight again) before the flat psum below.
+    tree, per_example = fn(jax.lax.pcast(replicated, DATA_AXIS, to='varying'), examples)
+    flat, unravel = ravel_pytree(tree)
+    return unravel(jax.lax.psum(flat, DATA_AXIS)), per_example
+
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P(DATA_AXIS)))
 
 
 def check_batch_divisible(global_batch: int, mesh: Mesh, field: str) -> None:

@@ -303,6 +303,80 @@ def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
     np.testing.assert_allclose(a[key], outs[1][key], rtol=2e-4, atol=2e-6)
 
 
+_FLAT_AND_PER_WEIGHT = r'''
+import re, numpy as np, jax
+from configs import tiny
+from ddpm_jax import diffusion, models, parallel
+from ddpm_jax.train import state as state_lib, step as step_lib
+config = tiny.get_config()
+config.model.dropout = 0.0
+config.training.importance_sampling = True
+mesh = parallel.create_mesh()
+assert parallel.flat_all_reduce('auto', mesh) and not parallel.flat_all_reduce('per_weight', mesh)
+model, coefs = models.create_model(config), diffusion.coefficients_from_config(config.diffusion)
+batch = np.random.default_rng(0).uniform(-1, 1, (config.training.batch_size, 8, 8, 1)).astype(np.float32)
+
+def all_reduce_outputs(text):
+  return [line.split(' all-reduce(')[0] for line in text.splitlines() if ' all-reduce(' in line]
+
+out = {}
+for mode in ('per_weight', 'flat'):
+  step = step_lib.jit_train_step(model, coefs, mesh, mode)
+  state = jax.device_put(state_lib.create_train_state(config, jax.random.key(0)),
+                         parallel.replicated_sharding(mesh))
+  args = (parallel.shard_batch(batch, mesh), jax.random.key(1))
+  outputs = all_reduce_outputs(step.lower(state, *args).compile().as_text())
+  operands = sum(len(re.findall(r'f32\[[\d,]*\]', o)) for o in outputs)
+  vectors = [int(n) for o in outputs for n in re.findall(r'f32\[(\d+)\]', o)]
+  for _ in range(2):
+    state, metrics = step(state, *args)
+  leaves = jax.tree.leaves(jax.device_get((state.params, state.opt_state, state.sampler_state)))
+  out[mode] = (jax.device_get(metrics), leaves, operands, vectors)
+(m_pw, l_pw, ops_pw, _), (m_fl, l_fl, ops_fl, vectors_fl) = out['per_weight'], out['flat']
+n_params = sum(x.size for x in jax.tree.leaves(state.params))
+n_leaves = len(jax.tree.leaves(state.params))
+print('operands', ops_pw, ops_fl, 'leaves', n_leaves, 'flat buffer', n_params in vectors_fl)
+for name in m_pw:
+  np.testing.assert_allclose(m_fl[name], m_pw[name], rtol=1e-5, atol=1e-7, err_msg=name)
+for a, b in zip(l_pw, l_fl):
+  np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-6)
+print('agree')
+'''
+
+
+@pytest.mark.multidevice
+def test_flat_gradient_all_reduce_matches_xlas_per_weight_sum_on_eight_devices():
+  """runtime.gradient_all_reduce (issue #16): the step whose gradient is summed as one flat buffer
+  ('flat', shard_map + psum) gives the metrics (grad_norm included: a gradient summed twice would be
+  8x) and the state of XLA's per-weight all-reduces, and its compiled program all-reduces the whole
+  gradient as one operand instead of one operand per weight."""
+  stdout = run_with_devices(_FLAT_AND_PER_WEIGHT, num_devices=8)
+  assert 'agree' in stdout and 'flat buffer True' in stdout, stdout
+  per_weight, flat, _, leaves = stdout.split('operands ')[1].split()[:4]
+  per_weight, flat, leaves = int(per_weight), int(flat), int(leaves)
+  assert per_weight >= leaves > 20 > flat, stdout  # one operand per weight, vs the flat gradient + scalars
+
+
+def test_gradient_all_reduce_is_validated_and_flat_needs_a_network_without_dropout():
+  """One device never sums (every mode is off); a bad mode and 'flat' with dropout are config errors."""
+  one = parallel.create_mesh(jax.local_devices()[:1])
+  assert not any(parallel.flat_all_reduce(mode, one) for mode in ('auto', 'flat', 'per_weight'))
+  with pytest.raises(ValueError, match="gradient_all_reduce='ring'"):
+    parallel.flat_all_reduce('ring', one)
+  config = tiny.get_config()  # dropout 0.1
+  config.runtime.gradient_all_reduce = 'flat'
+  from ddpm_jax.config import validate_config  # pylint: disable=import-outside-toplevel
+  flat_with_dropout = r"config\.runtime\.gradient_all_reduce='flat' is invalid: with model\.dropout=0\.1"
+  with pytest.raises(ValueError, match=flat_with_dropout):
+    validate_config(config)
+  config.runtime.gradient_all_reduce = 'ring'
+  with pytest.raises(ValueError, match=r"config\.runtime\.gradient_all_reduce='ring' is invalid: allowed"):
+    validate_config(config)
+  model, coefs = models.create_model(config), diffusion.coefficients_from_config(config.diffusion)
+  with pytest.raises(ValueError, match='without dropout'):
+    step_lib.make_train_step(model, coefs, sum_gradients=lambda fn: fn)
+
+
 def test_checkpoints_written_before_newer_config_fields_still_restore(tmp_path):
   """A checkpoint whose meta predates model.num_classes, model.conventions and diffusion.rescale_* was
   made with their defaults: it restores; a config that sets one of them differently is refused."""

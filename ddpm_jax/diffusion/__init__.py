@@ -32,7 +32,7 @@ from ddpm_jax.diffusion.likelihood import (
     prior_bpd,
     vb_terms_bpd,
 )
-from ddpm_jax.diffusion.losses import training_losses
+from ddpm_jax.diffusion.losses import draw_noise, training_losses
 from ddpm_jax.diffusion.respace import respace_betas, space_timesteps
 from ddpm_jax.diffusion.reverse import (
     LEARNED_VAR_TYPES,
@@ -55,7 +55,7 @@ from ddpm_jax.diffusion.timesteps import (
 __all__ = [
     'BETA_SCHEDULES', 'LEARNED_VAR_TYPES', 'LOSS_TYPES', 'MEAN_TYPES', 'VAR_TYPES',
     'DiffusionCoefficients', 'LossSecondMomentState', 'ModelFn', 'approx_standard_normal_cdf',
-    'coefficients_from_config', 'discretized_gaussian_log_likelihood', 'extract',
+    'coefficients_from_config', 'discretized_gaussian_log_likelihood', 'draw_noise', 'extract',
     'get_beta_schedule', 'init_loss_second_moment', 'loss_second_moment_probs', 'make_coefficients',
     'mean_flat', 'model_output', 'normal_kl', 'one_minus_alphas_cumprod', 'p_mean_variance',
     'predict_eps_from_xstart', 'predict_xstart_from_eps', 'predict_xstart_from_xprev', 'prior_bpd',

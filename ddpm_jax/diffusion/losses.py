@@ -43,6 +43,12 @@ def _vb_scale(coefs: DiffusionCoefficients) -> float:
           'rescaled_kl': float(t)}[coefs.loss_type]
 
 
+def draw_noise(coefs: DiffusionCoefficients, key: jax.Array, x_start: jax.Array) -> jax.Array:
+  """The eps of `training_losses` (DDPM Algorithm 1, line 4): N(0, I) of x_start's shape, drawn from
+  `key` in the loss dtype (x_start's promoted with the coefficients'), exactly as it draws it itself."""
+  return jax.random.normal(key, x_start.shape, jnp.promote_types(x_start.dtype, coefs.betas.dtype))
+
+
 def training_losses(coefs: DiffusionCoefficients, model_fn: ModelFn, x_start: jax.Array,
                     t: jax.Array, key: jax.Array | None,
                     noise: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -85,7 +91,7 @@ def training_losses(coefs: DiffusionCoefficients, model_fn: ModelFn, x_start: ja
   if noise is None:
     if key is None:
       raise ValueError('training_losses needs a key to draw the noise, or the noise itself.')
-    noise = jax.random.normal(key, x_start.shape, x_start.dtype)
+    noise = draw_noise(coefs, key, x_start)
   elif tuple(noise.shape) != tuple(x_start.shape):
     raise ValueError(f'noise must have the shape of x_start {tuple(x_start.shape)}, got '
                      f'{tuple(noise.shape)}')

@@ -161,7 +161,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager:
   start_step, num_steps = restored_step, config.training.num_train_steps
 
   model = models.create_model(config)
-  train_step = jit_train_step(model, diffusion.coefficients_from_config(config.diffusion), mesh)
+  train_step = jit_train_step(model, diffusion.coefficients_from_config(config.diffusion), mesh,
+                              config.runtime.gradient_all_reduce)
   train_key = stream_key(config, TRAIN_STREAM)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not parallel.is_writer())

@@ -7,6 +7,7 @@ mesh. Its randomness is `fold_in(base_key, state.step)`, so a run is a pure func
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -38,29 +39,54 @@ def _sample_timesteps(state: TrainState, key: jax.Array, batch_size: int, num_ti
   return timesteps.sample_loss_second_moment(state.sampler_state, key, batch_size)
 
 
-def make_train_step(model: Any,
-                    coefs: diffusion.DiffusionCoefficients) -> Callable[..., tuple[TrainState, Metrics]]:
+def has_dropout(model: Any) -> bool:
+  """Whether the network draws dropout masks in training (then its gradient is left to XLA's sum)."""
+  return float(getattr(model, 'dropout', 0.0)) > 0.0
+
+
+def make_train_step(model: Any, coefs: diffusion.DiffusionCoefficients,
+                    sum_gradients: Callable[..., Any] | None = None
+                    ) -> Callable[..., tuple[TrainState, Metrics]]:
   """Returns the pure `train_step(state, batch, base_key) -> (state, metrics)`.
 
   batch: images [B, H, W, C] in [-1, 1], or (images, labels int [B]) for a class-conditional model
   (`model.num_classes > 0`; the labels are bound to the network call, the diffusion never sees them).
+  sum_gradients: None (XLA sums the gradient over devices, weight by weight), or
+  `parallel.sum_over_devices` bound to a mesh, which gets the gradient of each device's examples and
+  sums it as one buffer (`jit_train_step` picks by `runtime.gradient_all_reduce`); only for a network
+  without dropout, whose masks are drawn over the global batch. t and eps are drawn over the global batch
+  first either way, so both give the same run up to float reduction order.
   """
   num_timesteps = coefs.num_timesteps
+  dropout = has_dropout(model)
+  if sum_gradients is not None and dropout:
+    raise ValueError(f'a per-device gradient sum needs a network without dropout, got dropout={model.dropout}')
 
   def train_step(state: TrainState, batch: Any, base_key: jax.Array) -> tuple[TrainState, Metrics]:
     images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
-    conditioning = () if labels is None else (labels,)
+    global_batch = images.shape[0]
     t_key, noise_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, state.step), 3)
-    t, weights = _sample_timesteps(state, t_key, images.shape[0], num_timesteps)
+    t, weights = _sample_timesteps(state, t_key, global_batch, num_timesteps)
+    examples = (images, t, weights, diffusion.draw_noise(coefs, noise_key, images),
+                () if labels is None else (labels,))
 
-    def loss_fn(params):
-      def model_fn(x_t, t_model):
-        return model.apply({'params': params}, x_t, t_model, *conditioning, train=True,
-                           rngs={'dropout': dropout_key})
-      terms = diffusion.training_losses(coefs, model_fn, images, t, noise_key)
-      return jnp.mean(terms['loss'] * weights), terms
+    def gradients(params: Any, examples: Any) -> tuple[Any, dict[str, jax.Array]]:
+      images, t, weights, noise, conditioning = examples
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      def loss_fn(params):
+        def model_fn(x_t, t_model):
+          return model.apply({'params': params}, x_t, t_model, *conditioning, train=True,
+                             rngs={'dropout': dropout_key} if dropout else None)
+        terms = diffusion.training_losses(coefs, model_fn, images, t, None, noise=noise)
+        share = images.shape[0] / global_batch  # of the global batch mean: 1 unless split over devices
+        return jnp.mean(terms['loss'] * weights) * share, terms
+
+      return jax.grad(loss_fn, has_aux=True)(params)
+
+    if sum_gradients is not None:
+      gradients = sum_gradients(gradients)
+    grads, terms = gradients(state.params, examples)
+    loss = jnp.mean(terms['loss'] * weights)
 
     def update(state: TrainState) -> TrainState:
       new_state = state.apply_gradients(grads)
@@ -90,12 +116,20 @@ def make_train_step(model: Any,
   return train_step
 
 
-def jit_train_step(model: Any, coefs: diffusion.DiffusionCoefficients, mesh: jax.sharding.Mesh) -> Any:
+def jit_train_step(model: Any, coefs: diffusion.DiffusionCoefficients, mesh: jax.sharding.Mesh,
+                   gradient_all_reduce: str = 'auto') -> Any:
   """`make_train_step` jitted for `mesh`: state and key replicated, batch split on `data`, state donated.
 
+  gradient_all_reduce: `runtime.gradient_all_reduce` (`parallel.GRADIENT_ALL_REDUCES`): whether the
+  gradient is summed over the devices as one flat buffer (`parallel.sum_over_devices`) or left to XLA;
+  'auto' leaves it to XLA for a network with dropout (`make_train_step`).
   The one place the step is jitted: the training loop and the benchmarks both use it, so the benchmarks
   time and inspect exactly what training runs.
   """
+  sum_gradients = None
+  if parallel.flat_all_reduce(gradient_all_reduce, mesh) and not (
+      gradient_all_reduce == 'auto' and has_dropout(model)):
+    sum_gradients = functools.partial(parallel.sum_over_devices, mesh=mesh)
   repl, batch_sharding = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
-  return jax.jit(make_train_step(model, coefs), in_shardings=(repl, batch_sharding, repl),
+  return jax.jit(make_train_step(model, coefs, sum_gradients), in_shardings=(repl, batch_sharding, repl),
                  out_shardings=(repl, repl), donate_argnums=(0,))
