@@ -75,6 +75,24 @@ def test_train_throughput_tiny(tmp_path):
   assert common.fmt(record['images_per_s']['median']) in row and row[-1] == '0', row
 
 
+def test_train_ab_alternates_variants_and_reports_per_round_ratios(tmp_path):
+  """bench/train_ab.py: every variant built from its overrides, timed in every round, its per-round ratio
+  to the first; a field the config lacks is an error naming it."""
+  variants = ['--variant=a:', '--variant=b:training.ema_decay=0.5;optim.grad_clip=2.0']
+  record, stdout = _run('train_ab.py', ['--rounds=3', '--steps_per_window=1', '--warmup_steps=1',
+                                        '--batch_size=8', *variants], str(tmp_path / 'ab.json'))
+  assert record['benchmark'] == 'train_ab' and record['rounds'] == 3
+  assert record['variants'] == {'a': {}, 'b': {'training.ema_decay': 0.5, 'optim.grad_clip': 2.0}}
+  for res in record['results'].values():
+    _check_summary(res['steps_per_s'])
+  assert record['results']['a']['ratio_to_first'] == {'median': 1.0, 'min': 1.0, 'max': 1.0}
+  assert [row[0] for row in _printed_rows(stdout)] == ['a', 'b']
+  proc = subprocess.run([sys.executable, 'bench/train_ab.py', *TINY, '--variant=a:',
+                         '--variant=b:training.no_such=1'], capture_output=True, text=True, cwd=REPO_ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300, check=False)
+  assert proc.returncode != 0 and "config has no field 'training.no_such'" in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_sample_throughput_tiny(tmp_path):
   record, stdout = _run('sample_throughput.py', ['--methods=ancestral,ddim5,respaced5', '--batch_size=4',
