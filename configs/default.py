@@ -123,8 +123,9 @@ def get_config() -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache: None: ~/.cache/ddpm_jax/jax (or $XDG_CACHE_HOME/ddpm_jax/jax);
   # '': off. JAX_COMPILATION_CACHE_DIR, if set, wins.
   runtime.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
-  # How the train step sums the gradient over devices: 'flat' (one all-reduce of one buffer),
-  # 'per_weight' (XLA's, one operand per weight, overlapped with the backward pass on accelerators) or
-  # 'auto' ('flat' on a CPU with several devices): ddpm_jax.parallel.GRADIENT_ALL_REDUCES.
+  # How the train step sums the gradient over devices: 'flat' (one all-reduce of one buffer; needs
+  # model.dropout=0), 'per_weight' (XLA's, one operand per weight, which XLA can overlap with the backward
+  # pass on accelerators) or 'auto' ('flat' on a CPU with several devices and no dropout, else 'per_weight'):
+  # ddpm_jax.parallel.GRADIENT_ALL_REDUCES.
   runtime.gradient_all_reduce = 'auto'
   return config

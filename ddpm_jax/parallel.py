@@ -20,9 +20,10 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
 # How the train step sums its gradient over devices (`runtime.gradient_all_reduce`): 'per_weight', XLA's
-# SPMD partitioner all-reduces each weight's gradient where it is produced (accelerators overlap these with
-# the backward pass); 'flat', one all-reduce of the whole gradient as a single buffer (`sum_over_devices`);
-# 'auto', 'flat' on a CPU mesh of several devices, else 'per_weight'.
+# SPMD partitioner all-reduces each weight's gradient where it is produced (on accelerators XLA can overlap
+# these with the backward pass); 'flat', one all-reduce of the whole gradient as a single buffer
+# (`sum_over_devices`); 'auto', 'flat' on a CPU mesh of several devices, else 'per_weight' (and 'per_weight'
+# for a network with dropout, whose masks are drawn over the global batch: `train.step.jit_train_step`).
 GRADIENT_ALL_REDUCES = ('auto', 'flat', 'per_weight')
 
 
