@@ -2,8 +2,8 @@
 
 A small U-Net sized to train to recognisable digits on a 2-core CPU within minutes; then samples and
 the digits Fréchet distance (classifier features) are reported, so a newcomer sees a number, not only a picture.
-Budget on a 2-core CPU (see README): 2,000 steps at 10-22 steps/s (one JAX device per core), then a 100-sample
-grid and 1,000 samples with 100 DDIM steps for the metric; 2.5 minutes in all on a Zen 5 VM, 4.5 on a Zen 3 one.
+Budget on a 2-core CPU (see README): 2,000 steps at 20-26 steps/s (one JAX device per core), then a 100-sample
+grid and 1,000 samples with 100 DDIM steps for the metric; 2.2 minutes in all on a Zen 5 VM, 4.5 on a Zen 3 one.
 """
 
 from configs import default
