@@ -40,7 +40,7 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-im
 from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
 
 from bench import common, hlo_kernels  # pylint: disable=g-import-not-at-top
-from ddpm_jax import diffusion, models, parallel  # pylint: disable=g-import-not-at-top
+from ddpm_jax import diffusion, models, parallel, runtime  # pylint: disable=g-import-not-at-top
 from ddpm_jax.config import validate_config  # pylint: disable=g-import-not-at-top
 from ddpm_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
 from ddpm_jax.train.step import jit_train_step  # pylint: disable=g-import-not-at-top
@@ -92,7 +92,8 @@ def lowered_function(config: ml_collections.ConfigDict, what: str, mesh: Mesh) -
                                sharding=batch_sharding)
   if what == 'train':
     step = jit_train_step(model, diffusion.coefficients_from_config(config.diffusion), mesh,
-                          config.runtime.gradient_all_reduce)
+                          config.runtime.gradient_all_reduce,
+                          runtime.train_convolutions(config))
     state = jax.eval_shape(lambda key: create_train_state(config, key), jax.random.key(0))
     return step.lower(_placed(state, repl), batch, _placed(jax.eval_shape(jax.random.key, 0), repl))
   params = models.param_shapes(config)

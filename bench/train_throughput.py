@@ -38,7 +38,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
 
 from bench import common  # pylint: disable=g-import-not-at-top
-from ddpm_jax import diffusion, models, parallel  # pylint: disable=g-import-not-at-top
+from ddpm_jax import diffusion, models, parallel, runtime  # pylint: disable=g-import-not-at-top
 from ddpm_jax.config import validate_config  # pylint: disable=g-import-not-at-top
 from ddpm_jax.streams import INIT_STREAM, TRAIN_STREAM, stream_key  # pylint: disable=g-import-not-at-top
 from ddpm_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
@@ -61,7 +61,8 @@ def setup(config: ml_collections.ConfigDict, mesh: Any) -> dict[str, Any]:
   repl = parallel.replicated_sharding(mesh)
   model = models.create_model(config)
   step = jit_train_step(model, diffusion.coefficients_from_config(config.diffusion), mesh,
-                        config.runtime.gradient_all_reduce)
+                        config.runtime.gradient_all_reduce,
+                        runtime.train_convolutions(config))
   init = jax.jit(functools.partial(create_train_state, config), out_shardings=repl)
   state = init(stream_key(config, INIT_STREAM))
   c, size = config.data.num_channels, config.data.image_size

@@ -128,4 +128,8 @@ def get_config() -> ml_collections.ConfigDict:
   # pass on accelerators) or 'auto' ('flat' on a CPU with several devices and no dropout, else 'per_weight'):
   # ddpm_jax.parallel.GRADIENT_ALL_REDUCES.
   runtime.gradient_all_reduce = 'auto'
+  # CPU only: whose convolution kernels the train step is compiled with: 'ynnpack' (XLA:CPU's default
+  # library), 'xla' (XLA's own) or 'auto' ('xla' for images of 16 pixels or more, where they are faster:
+  # ddpm_jax.parallel.CPU_CONVOLUTIONS, BENCHMARKS.md). Changes float32 rounding only.
+  runtime.cpu_train_convolutions = 'auto'
   return config

@@ -36,6 +36,7 @@ _CHOICES = {
     'model.name': models.MODEL_NAMES,
     'model.dtype': tuple(models.DTYPES),
     'runtime.gradient_all_reduce': parallel.GRADIENT_ALL_REDUCES,
+    'runtime.cpu_train_convolutions': parallel.CPU_CONVOLUTIONS,
 }
 
 # Integer fields and the smallest value each allows.

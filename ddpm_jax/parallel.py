@@ -25,6 +25,17 @@ DATA_AXIS = 'data'
 # (`sum_over_devices`); 'auto', 'flat' on a CPU mesh of several devices, else 'per_weight' (and 'per_weight'
 # for a network with dropout, whose masks are drawn over the global batch: `train.step.jit_train_step`).
 GRADIENT_ALL_REDUCES = ('auto', 'flat', 'per_weight')
+# Whose convolution kernels XLA:CPU uses in the train step (`runtime.cpu_train_convolutions`): 'ynnpack',
+# XLA:CPU's default (its YNNPACK library fusions); 'xla', XLA's own (Eigen) convolutions, with YNNPACK kept
+# for dots and reductions; 'auto', 'xla' for images of AUTO_XLA_CONVOLUTIONS_MIN_SIZE pixels or more
+# (`ddpm_jax.runtime.train_convolutions`). Why: YNNPACK's weight gradients of 3x3 convolutions over 16x16
+# and larger activations run at a third to a half of Eigen's rate on an Intel Xeon (BENCHMARKS.md).
+CPU_CONVOLUTIONS = ('auto', 'xla', 'ynnpack')
+AUTO_XLA_CONVOLUTIONS_MIN_SIZE = 16
+_YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
+# XLA:CPU's default YNNPACK fusions (jaxlib 0.10.2: individual convolutions, dots and reductions) less
+# the convolutions.
+_YNN_FUSIONS_BUT_CONVOLUTIONS = 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'
 
 
 def maybe_initialize_distributed(enabled: bool) -> None:
@@ -66,6 +77,21 @@ def split_host_cpu(num_devices: int) -> bool:
     # Read by XLA when the CPU client is created, i.e. at the first device access, which is after this.
     os.environ['XLA_FLAGS'] = f'{xla_flags} --xla_cpu_multi_thread_eigen=false'.strip()
   return True
+
+
+def cpu_compiler_options(convolutions: str, mesh: Mesh) -> dict[str, str]:
+  """`jax.jit(..., compiler_options=...)` that give a program on a CPU mesh `convolutions`' kernels.
+
+  convolutions: 'xla' or 'ynnpack' (`CPU_CONVOLUTIONS`, 'auto' resolved by the caller). Empty (XLA's
+  defaults) for 'ynnpack', on any other platform, and when the user's XLA_FLAGS choose the YNNPACK
+  fusions themselves.
+  """
+  if convolutions not in ('xla', 'ynnpack'):
+    raise ValueError(f'convolutions={convolutions!r} is invalid: allowed: xla, ynnpack')
+  if (convolutions == 'ynnpack' or mesh.devices.flat[0].platform != 'cpu'
+      or _YNN_FUSION_TYPE in os.environ.get('XLA_FLAGS', '')):
+    return {}
+  return {_YNN_FUSION_TYPE: _YNN_FUSIONS_BUT_CONVOLUTIONS}
 
 
 def enable_compilation_cache(path: str) -> None:

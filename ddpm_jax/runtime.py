@@ -38,6 +38,19 @@ def configure_runtime(config: ml_collections.ConfigDict) -> None:
     parallel.split_host_cpu(runtime.cpu_devices or auto_cpu_devices(config, parallel.host_cores()))
 
 
+def train_convolutions(config: ml_collections.ConfigDict) -> str:
+  """`runtime.cpu_train_convolutions` with 'auto' resolved by `data.image_size`: 'xla' or 'ynnpack'.
+
+  'auto' is 'xla' from `parallel.AUTO_XLA_CONVOLUTIONS_MIN_SIZE` pixels on: on the 2-core Intel Xeon of
+  BENCHMARKS.md XLA's own kernels make the CIFAR10 (32x32) train step 1.7x faster, while YNNPACK's are as
+  fast or faster on the 8x8 digits network.
+  """
+  choice = config.runtime.cpu_train_convolutions
+  if choice != 'auto':
+    return choice
+  return 'xla' if config.data.image_size >= parallel.AUTO_XLA_CONVOLUTIONS_MIN_SIZE else 'ynnpack'
+
+
 def auto_cpu_devices(config: ml_collections.ConfigDict, cores: int) -> int:
   """The most CPU devices, at most one per core and MAX_CPU_DEVICES, that every global batch splits over."""
   batches = (config.training.batch_size, config.sampling.batch_size, config.eval.batch_size)

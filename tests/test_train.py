@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 
 from configs import tiny
 from conftest import REPO_ROOT, run_with_devices
-from ddpm_jax import checkpoints, data, diffusion, jobs, models, parallel
+from ddpm_jax import checkpoints, data, diffusion, jobs, models, parallel, runtime
 from ddpm_jax.jobs import train as train_job
 from ddpm_jax.train import state as state_lib
 from ddpm_jax.train import step as step_lib
@@ -434,3 +435,68 @@ def test_training_loop_keeps_at_most_max_steps_in_flight(tmp_path, monkeypatch):
   _run(tmp_path, 'run', 5)
   assert pushed == [(train_job.MAX_STEPS_IN_FLIGHT, ())] * 5
   assert 1 <= train_job.MAX_STEPS_IN_FLIGHT <= 8
+
+
+def _convolutions_by_library(hlo: str) -> tuple[int, int]:
+  """(convolutions in YNNPACK fusions, convolutions XLA emits itself) of an optimized CPU HLO text."""
+  ynn_bodies = {re.search(r'calls=%([\w.\-]+)', line).group(1)
+                for line in hlo.splitlines() if '__ynn_fusion' in line and 'calls=%' in line}
+  in_ynn = own = 0
+  computation = None
+  for line in hlo.splitlines():
+    header = re.match(r'^(?:ENTRY )?%([\w.\-]+) ', line)
+    if header:
+      computation = header.group(1)
+    elif ' convolution(' in line:
+      if computation in ynn_bodies:
+        in_ynn += 1
+      else:
+        own += 1
+  return in_ynn, own
+
+
+def test_cpu_train_convolutions_pick_the_kernels_and_agree():
+  """runtime.cpu_train_convolutions (issue #16): 'xla' compiles the train step with XLA's own convolutions
+  (YNNPACK's are the CPU default, and their weight gradients at 16x16 and up are slow on an Intel Xeon),
+  'ynnpack' with YNNPACK's; the two steps agree to float32 rounding; 'auto' picks by image size; a bad
+  value is a config error."""
+  config = tiny.get_config()
+  config.data.image_size = 16
+  assert runtime.train_convolutions(config) == 'xla'
+  config.runtime.cpu_train_convolutions = 'ynnpack'
+  assert runtime.train_convolutions(config) == 'ynnpack'
+  assert runtime.train_convolutions(tiny.get_config()) == 'ynnpack'  # 8x8: 'auto' keeps YNNPACK's
+  mesh = parallel.create_mesh()
+  model, coefs = models.create_model(config), diffusion.coefficients_from_config(config.diffusion)
+  batch = np.random.default_rng(0).uniform(-1, 1, (config.training.batch_size, 16, 16, 1)).astype(np.float32)
+  out = {}
+  for kernels in ('ynnpack', 'xla'):
+    step = step_lib.jit_train_step(model, coefs, mesh, 'auto', kernels)
+    state = jax.device_put(state_lib.create_train_state(config, jax.random.key(0)),
+                           parallel.replicated_sharding(mesh))
+    args = (parallel.shard_batch(batch, mesh), jax.random.key(1))
+    counts = _convolutions_by_library(step.lower(state, *args).compile().as_text())
+    for _ in range(2):
+      state, metrics = step(state, *args)
+    out[kernels] = counts, jax.device_get((metrics, state.params, state.opt_state))
+  (ynn_in, ynn_own), (xla_in, xla_own) = out['ynnpack'][0], out['xla'][0]
+  assert ynn_in > 2 * ynn_own, out['ynnpack'][0]  # YNNPACK takes most (not a strided one's gradient)
+  assert xla_in == 0 and xla_own == ynn_in + ynn_own, out['xla'][0]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-6),
+               out['ynnpack'][1], out['xla'][1])
+  assert parallel.cpu_compiler_options('ynnpack', mesh) == {}
+  with pytest.raises(ValueError, match="convolutions='auto' is invalid"):
+    parallel.cpu_compiler_options('auto', mesh)
+  config.runtime.cpu_train_convolutions = 'onednn'
+  from ddpm_jax.config import validate_config  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=r"config\.runtime\.cpu_train_convolutions='onednn' is invalid: allowed"):
+    validate_config(config)
+
+
+def test_the_users_xla_flags_choose_the_cpu_kernels_over_ddpm_jax(monkeypatch):
+  """XLA_FLAGS that set YNNPACK's fusions themselves win: ddpm_jax then passes no option of its own."""
+  mesh = parallel.create_mesh()
+  assert parallel.cpu_compiler_options('xla', mesh) == {
+      'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=')
+  assert parallel.cpu_compiler_options('xla', mesh) == {}

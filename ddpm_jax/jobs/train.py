@@ -24,7 +24,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpoints, data, diffusion, images, models, parallel, sampling
+from ddpm_jax import checkpoints, data, diffusion, images, models, parallel, runtime, sampling
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.streams import GRID_STREAM, INIT_STREAM, TRAIN_STREAM, stream_key
 from ddpm_jax.train import TrainState, create_train_state, jit_train_step
@@ -162,7 +162,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager:
 
   model = models.create_model(config)
   train_step = jit_train_step(model, diffusion.coefficients_from_config(config.diffusion), mesh,
-                              config.runtime.gradient_all_reduce)
+                              config.runtime.gradient_all_reduce,
+                              runtime.train_convolutions(config))
   train_key = stream_key(config, TRAIN_STREAM)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not parallel.is_writer())

@@ -117,12 +117,14 @@ def make_train_step(model: Any, coefs: diffusion.DiffusionCoefficients,
 
 
 def jit_train_step(model: Any, coefs: diffusion.DiffusionCoefficients, mesh: jax.sharding.Mesh,
-                   gradient_all_reduce: str = 'auto') -> Any:
+                   gradient_all_reduce: str = 'auto', cpu_convolutions: str = 'ynnpack') -> Any:
   """`make_train_step` jitted for `mesh`: state and key replicated, batch split on `data`, state donated.
 
   gradient_all_reduce: `runtime.gradient_all_reduce` (`parallel.GRADIENT_ALL_REDUCES`): whether the
   gradient is summed over the devices as one flat buffer (`parallel.sum_over_devices`) or left to XLA;
   'auto' leaves it to XLA for a network with dropout (`make_train_step`).
+  cpu_convolutions: whose convolution kernels XLA:CPU compiles the step with, 'xla' or 'ynnpack'
+  (`runtime.train_convolutions`; `parallel.cpu_compiler_options`); ignored off the CPU.
   The one place the step is jitted: the training loop and the benchmarks both use it, so the benchmarks
   time and inspect exactly what training runs.
   """
@@ -132,4 +134,5 @@ def jit_train_step(model: Any, coefs: diffusion.DiffusionCoefficients, mesh: jax
     sum_gradients = functools.partial(parallel.sum_over_devices, mesh=mesh)
   repl, batch_sharding = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
   return jax.jit(make_train_step(model, coefs, sum_gradients), in_shardings=(repl, batch_sharding, repl),
-                 out_shardings=(repl, repl), donate_argnums=(0,))
+                 out_shardings=(repl, repl), donate_argnums=(0,),
+                 compiler_options=parallel.cpu_compiler_options(cpu_convolutions, mesh))
