@@ -132,4 +132,8 @@ def get_config() -> ml_collections.ConfigDict:
   # library), 'xla' (XLA's own) or 'auto' ('xla' for images of 16 pixels or more, where they are faster:
   # ddpm_jax.parallel.CPU_CONVOLUTIONS, BENCHMARKS.md). Changes float32 rounding only.
   runtime.cpu_train_convolutions = 'auto'
+  # CPU only: whose reduction kernels (GroupNorm's moments) the sampler is compiled with: 'xla' (XLA's
+  # own, faster there) or 'ynnpack' (XLA:CPU's default library): ddpm_jax.parallel.CPU_REDUCTIONS,
+  # BENCHMARKS.md. Changes float32 rounding only.
+  runtime.cpu_sample_reductions = 'xla'
   return config

@@ -37,6 +37,7 @@ _CHOICES = {
     'model.dtype': tuple(models.DTYPES),
     'runtime.gradient_all_reduce': parallel.GRADIENT_ALL_REDUCES,
     'runtime.cpu_train_convolutions': parallel.CPU_CONVOLUTIONS,
+    'runtime.cpu_sample_reductions': parallel.CPU_REDUCTIONS,
 }
 
 # Integer fields and the smallest value each allows.

@@ -32,10 +32,15 @@ GRADIENT_ALL_REDUCES = ('auto', 'flat', 'per_weight')
 # and larger activations run at a third to a half of Eigen's rate on an Intel Xeon (BENCHMARKS.md).
 CPU_CONVOLUTIONS = ('auto', 'xla', 'ynnpack')
 AUTO_XLA_CONVOLUTIONS_MIN_SIZE = 16
+# Whose reduction kernels XLA:CPU uses in the sampler (`runtime.cpu_sample_reductions`): 'xla', XLA's own
+# (YNNPACK kept for convolutions and dots); 'ynnpack', XLA:CPU's default. Why: GroupNorm's moments over
+# a sampling batch are a third of the digits sampler's time in YNNPACK's reductions and a tenth in XLA's
+# (Intel Xeon, BENCHMARKS.md); in the train step YNNPACK's are the faster, so it keeps them.
+CPU_REDUCTIONS = ('xla', 'ynnpack')
 _YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
-# XLA:CPU's default YNNPACK fusions (jaxlib 0.10.2: individual convolutions, dots and reductions) less
-# the convolutions.
-_YNN_FUSIONS_BUT_CONVOLUTIONS = 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'
+# XLA:CPU's default YNNPACK fusions in jaxlib 0.10.2: individual convolutions, individual dots, reductions.
+_YNN_CONVOLUTION, _YNN_DOT, _YNN_REDUCE = (f'LIBRARY_FUSION_TYPE_{kind}' for kind in (
+    'INDIVIDUAL_CONVOLUTION', 'INDIVIDUAL_DOT', 'REDUCE'))
 
 
 def maybe_initialize_distributed(enabled: bool) -> None:
@@ -79,19 +84,25 @@ def split_host_cpu(num_devices: int) -> bool:
   return True
 
 
-def cpu_compiler_options(convolutions: str, mesh: Mesh) -> dict[str, str]:
-  """`jax.jit(..., compiler_options=...)` that give a program on a CPU mesh `convolutions`' kernels.
+def cpu_compiler_options(mesh: Mesh, *, convolutions: str = 'ynnpack',
+                         reductions: str = 'ynnpack') -> dict[str, str]:
+  """`jax.jit(..., compiler_options=...)` that give a program on a CPU mesh these kernels.
 
-  convolutions: 'xla' or 'ynnpack' (`CPU_CONVOLUTIONS`, 'auto' resolved by the caller). Empty (XLA's
-  defaults) for 'ynnpack', on any other platform, and when the user's XLA_FLAGS choose the YNNPACK
-  fusions themselves.
+  convolutions: 'xla' or 'ynnpack' (`CPU_CONVOLUTIONS`, 'auto' resolved by the caller); reductions:
+  'xla' or 'ynnpack' (`CPU_REDUCTIONS`). 'ynnpack' leaves the kind in XLA:CPU's default YNNPACK
+  fusions, 'xla' takes it out (to XLA's own kernels). Empty (XLA's defaults) when both are 'ynnpack',
+  on any other platform, and when the user's XLA_FLAGS choose the YNNPACK fusions themselves.
   """
-  if convolutions not in ('xla', 'ynnpack'):
-    raise ValueError(f'convolutions={convolutions!r} is invalid: allowed: xla, ynnpack')
-  if (convolutions == 'ynnpack' or mesh.devices.flat[0].platform != 'cpu'
+  for field, value, allowed in (('convolutions', convolutions, ('xla', 'ynnpack')),
+                                ('reductions', reductions, CPU_REDUCTIONS)):
+    if value not in allowed:
+      raise ValueError(f'{field}={value!r} is invalid: allowed: {", ".join(allowed)}')
+  if (convolutions == reductions == 'ynnpack' or mesh.devices.flat[0].platform != 'cpu'
       or _YNN_FUSION_TYPE in os.environ.get('XLA_FLAGS', '')):
     return {}
-  return {_YNN_FUSION_TYPE: _YNN_FUSIONS_BUT_CONVOLUTIONS}
+  kinds = [kind for kind, library in ((_YNN_CONVOLUTION, convolutions), (_YNN_DOT, 'ynnpack'),
+                                      (_YNN_REDUCE, reductions)) if library == 'ynnpack']
+  return {_YNN_FUSION_TYPE: ','.join(kinds)}
 
 
 def enable_compilation_cache(path: str) -> None:

@@ -7,6 +7,7 @@ happen inside the helpers, so that collecting a test module costs only what that
 
 import functools
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,24 @@ def randomize(params, seed: int, scale: float = 0.05):
 
 
 # ------------------------------------------------------------------------ a tiny model for sampling/eval
+
+
+def ops_by_library(hlo: str, opcode: str) -> tuple[int, int]:
+  """(`opcode` ops inside YNNPACK fusions, `opcode` ops XLA emits itself) of an optimized CPU HLO text."""
+  ynn_bodies = {re.search(r'calls=%([\w.\-]+)', line).group(1)
+                for line in hlo.splitlines() if '__ynn_fusion' in line and 'calls=%' in line}
+  in_ynn = own = 0
+  computation = None
+  for line in hlo.splitlines():
+    header = re.match(r'^(?:ENTRY )?%([\w.\-]+) ', line)
+    if header:
+      computation = header.group(1)
+    elif f' {opcode}(' in line:
+      if computation in ynn_bodies:
+        in_ynn += 1
+      else:
+        own += 1
+  return in_ynn, own
 
 
 def tiny_config(num_timesteps: int = 10):

@@ -3,7 +3,6 @@
 import collections
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from conftest import REPO_ROOT, run_with_devices
+from conftest import REPO_ROOT, ops_by_library, run_with_devices
 from ddpm_jax import checkpoints, data, diffusion, jobs, models, parallel, runtime
 from ddpm_jax.jobs import train as train_job
 from ddpm_jax.train import state as state_lib
@@ -437,24 +436,6 @@ def test_training_loop_keeps_at_most_max_steps_in_flight(tmp_path, monkeypatch):
   assert 1 <= train_job.MAX_STEPS_IN_FLIGHT <= 8
 
 
-def _convolutions_by_library(hlo: str) -> tuple[int, int]:
-  """(convolutions in YNNPACK fusions, convolutions XLA emits itself) of an optimized CPU HLO text."""
-  ynn_bodies = {re.search(r'calls=%([\w.\-]+)', line).group(1)
-                for line in hlo.splitlines() if '__ynn_fusion' in line and 'calls=%' in line}
-  in_ynn = own = 0
-  computation = None
-  for line in hlo.splitlines():
-    header = re.match(r'^(?:ENTRY )?%([\w.\-]+) ', line)
-    if header:
-      computation = header.group(1)
-    elif ' convolution(' in line:
-      if computation in ynn_bodies:
-        in_ynn += 1
-      else:
-        own += 1
-  return in_ynn, own
-
-
 def test_cpu_train_convolutions_pick_the_kernels_and_agree():
   """runtime.cpu_train_convolutions (issue #16): 'xla' compiles the train step with XLA's own convolutions
   (YNNPACK's are the CPU default, and their weight gradients at 16x16 and up are slow on an Intel Xeon),
@@ -475,7 +456,7 @@ def test_cpu_train_convolutions_pick_the_kernels_and_agree():
     state = jax.device_put(state_lib.create_train_state(config, jax.random.key(0)),
                            parallel.replicated_sharding(mesh))
     args = (parallel.shard_batch(batch, mesh), jax.random.key(1))
-    counts = _convolutions_by_library(step.lower(state, *args).compile().as_text())
+    counts = ops_by_library(step.lower(state, *args).compile().as_text(), 'convolution')
     for _ in range(2):
       state, metrics = step(state, *args)
     out[kernels] = counts, jax.device_get((metrics, state.params, state.opt_state))
@@ -484,9 +465,9 @@ def test_cpu_train_convolutions_pick_the_kernels_and_agree():
   assert xla_in == 0 and xla_own == ynn_in + ynn_own, out['xla'][0]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-6),
                out['ynnpack'][1], out['xla'][1])
-  assert parallel.cpu_compiler_options('ynnpack', mesh) == {}
+  assert parallel.cpu_compiler_options(mesh, convolutions='ynnpack') == {}
   with pytest.raises(ValueError, match="convolutions='auto' is invalid"):
-    parallel.cpu_compiler_options('auto', mesh)
+    parallel.cpu_compiler_options(mesh, convolutions='auto')
   config.runtime.cpu_train_convolutions = 'onednn'
   from ddpm_jax.config import validate_config  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match=r"config\.runtime\.cpu_train_convolutions='onednn' is invalid: allowed"):
@@ -496,7 +477,11 @@ def test_cpu_train_convolutions_pick_the_kernels_and_agree():
 def test_the_users_xla_flags_choose_the_cpu_kernels_over_ddpm_jax(monkeypatch):
   """XLA_FLAGS that set YNNPACK's fusions themselves win: ddpm_jax then passes no option of its own."""
   mesh = parallel.create_mesh()
-  assert parallel.cpu_compiler_options('xla', mesh) == {
+  assert parallel.cpu_compiler_options(mesh, convolutions='xla') == {
       'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+  assert parallel.cpu_compiler_options(mesh, reductions='xla') == {
+      'xla_cpu_experimental_ynn_fusion_type':
+          'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
   monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=')
-  assert parallel.cpu_compiler_options('xla', mesh) == {}
+  assert parallel.cpu_compiler_options(mesh, convolutions='xla') == {}
+  assert parallel.cpu_compiler_options(mesh, reductions='xla') == {}

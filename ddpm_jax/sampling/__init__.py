@@ -14,6 +14,7 @@ from ddpm_jax.sampling.sample_fn import (
     LABEL_STREAM,
     METHODS,
     image_shape,
+    jit_sample,
     labels_for_indices,
     make_model_fn,
     make_sample_fn,
@@ -26,7 +27,7 @@ from ddpm_jax.streams import per_sample_keys, per_sample_normal  # re-exported: 
 
 __all__ = [
     'LABEL_STREAM', 'METHODS', 'StepNoise', 'ddim_sample', 'ddim_sample_loop', 'decode', 'encode',
-    'image_shape', 'interpolate', 'labels_for_indices', 'make_model_fn', 'make_sample_fn',
+    'image_shape', 'interpolate', 'jit_sample', 'labels_for_indices', 'make_model_fn', 'make_sample_fn',
     'make_step_fn', 'p_sample', 'p_sample_loop', 'per_sample_keys', 'per_sample_normal',
     'prior_noise', 'progressive_sample_loop', 'recorded_steps', 'reverse_loop', 'sample_labels',
     'sample_loop', 'sampling_coefficients', 'step_fn_from_config',

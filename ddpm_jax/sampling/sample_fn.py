@@ -115,20 +115,14 @@ def _place_indices(indices: Any, mesh: Mesh) -> jax.Array:
   return parallel.shard_batch(indices[parallel.process_slice(indices.shape[0])], mesh)
 
 
-def make_sample_fn(config: ml_collections.ConfigDict, model: Any, mesh: Mesh) -> SampleFn:
-  """Builds `sample_fn(params, base_key, indices[, labels]) -> samples`, compiled once per batch
-  size.
+def jit_sample(config: ml_collections.ConfigDict, model: Any, mesh: Mesh, *,
+               with_labels: bool = False) -> Any:
+  """The sampler of `make_sample_fn` jitted for `mesh`, before its argument checks: (params, base_key,
+  indices[, labels]) -> samples, params and key replicated, indices (and labels) split on `data`.
 
-  The sampler follows config.sampling: `method` ('ancestral' | 'ddim'), `timestep_respacing`
-  ('' = all T steps), `ddim_eta`, `clip_denoised`.
-
-  Returns:
-    sample_fn: params (the U-Net's, replicated on `mesh`), base_key (typed key, replicated),
-      indices (int [B], B divisible by the device count; numpy, or a jax.Array) ->
-      samples float32 [B, H, W, C] in [-1, 1], sharded over the mesh's `data` axis. Sample i is
-      drawn with key fold_in(base_key, indices[i]). When config.model.num_classes > 0, labels
-      (int [B], optional, like indices) are the classes to draw; by default sample i's label is
-      `sample_labels` of its key (`labels_for_indices` gives the same labels on the host).
+  On a CPU it is compiled with `runtime.cpu_sample_reductions`' reduction kernels
+  (`parallel.cpu_compiler_options`). The one place the sampler is jitted, so that tests and benchmarks
+  inspect exactly what sampling runs.
   """
   coefs = sampling_coefficients(config)
   shape = image_shape(config)
@@ -145,10 +139,31 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: Any, mesh: Mesh) ->
     return jnp.clip(x0, -1.0, 1.0)
 
   replicated, sharded = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
-  compiled = jax.jit(sample, in_shardings=(replicated, replicated, sharded), out_shardings=sharded)
+  return jax.jit(sample, in_shardings=(replicated, replicated, sharded) + (sharded,) * with_labels,
+                 out_shardings=sharded,
+                 compiler_options=parallel.cpu_compiler_options(
+                     mesh, reductions=config.runtime.cpu_sample_reductions))
+
+
+def make_sample_fn(config: ml_collections.ConfigDict, model: Any, mesh: Mesh) -> SampleFn:
+  """Builds `sample_fn(params, base_key, indices[, labels]) -> samples`, compiled once per batch
+  size.
+
+  The sampler follows config.sampling: `method` ('ancestral' | 'ddim'), `timestep_respacing`
+  ('' = all T steps), `ddim_eta`, `clip_denoised`.
+
+  Returns:
+    sample_fn: params (the U-Net's, replicated on `mesh`), base_key (typed key, replicated),
+      indices (int [B], B divisible by the device count; numpy, or a jax.Array) ->
+      samples float32 [B, H, W, C] in [-1, 1], sharded over the mesh's `data` axis. Sample i is
+      drawn with key fold_in(base_key, indices[i]). When config.model.num_classes > 0, labels
+      (int [B], optional, like indices) are the classes to draw; by default sample i's label is
+      `sample_labels` of its key (`labels_for_indices` gives the same labels on the host).
+  """
+  num_classes = models.num_classes(config)
+  compiled = jit_sample(config, model, mesh)
   if num_classes > 0:
-    compiled_labels = jax.jit(sample, in_shardings=(replicated, replicated, sharded, sharded),
-                              out_shardings=sharded)
+    compiled_labels = jit_sample(config, model, mesh, with_labels=True)
 
   def sample_fn(params: Any, base_key: jax.Array, indices: Any, labels: Any = None) -> jax.Array:
     _check_indices(indices, mesh)

@@ -135,4 +135,4 @@ def jit_train_step(model: Any, coefs: diffusion.DiffusionCoefficients, mesh: jax
   repl, batch_sharding = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
   return jax.jit(make_train_step(model, coefs, sum_gradients), in_shardings=(repl, batch_sharding, repl),
                  out_shardings=(repl, repl), donate_argnums=(0,),
-                 compiler_options=parallel.cpu_compiler_options(cpu_convolutions, mesh))
+                 compiler_options=parallel.cpu_compiler_options(mesh, convolutions=cpu_convolutions))
