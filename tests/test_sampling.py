@@ -256,9 +256,10 @@ def test_cpu_sample_reductions_pick_the_kernels_and_agree(unet_params):
   out = {}
   for kernels in ('ynnpack', 'xla'):
     config.runtime.cpu_sample_reductions = kernels
-    hlo = sampling.jit_sample(config, model, mesh).lower(*args).compile().as_text()
+    compiled = sampling.jit_sample(config, model, mesh).lower(*args).compile()  # make_sample_fn's program
+    hlo = compiled.as_text()
     out[kernels] = (ops_by_library(hlo, 'reduce'), ops_by_library(hlo, 'convolution'),
-                    np.asarray(_unet_sample_fn(config, mesh)(*args)))
+                    np.asarray(compiled(*args)))
   (ynn_reduce, ynn_conv, ynn_samples), (xla_reduce, xla_conv, xla_samples) = out['ynnpack'], out['xla']
   assert ynn_reduce[0] > 0 and xla_reduce[0] == 0 and xla_reduce[1] > 0, (ynn_reduce, xla_reduce)
   assert ynn_conv == xla_conv and xla_conv[0] > 0, (ynn_conv, xla_conv)  # YNNPACK's convolutions stay
