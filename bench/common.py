@@ -100,7 +100,9 @@ def configure_runtime(config: ml_collections.ConfigDict) -> dict[str, Any]:
   the settings for the record."""
   config.runtime.compilation_cache_dir = ''
   runtime.configure_runtime(config)
-  return {'cpu_devices': config.runtime.cpu_devices, 'xla_flags': os.environ.get('XLA_FLAGS', '')}
+  return {'cpu_devices': config.runtime.cpu_devices, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'cpu_train_convolutions': runtime.train_convolutions(config),
+          'cpu_sample_reductions': config.runtime.cpu_sample_reductions}
 
 
 def cpu_model() -> str:

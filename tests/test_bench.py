@@ -61,6 +61,7 @@ def test_train_throughput_tiny(tmp_path):
                           'achieved_tflops', 'mfu', 'recompiles', 'jit_cache_size', 'window_s'):
     assert key in record, key
   assert record['benchmark'] == 'train_throughput' and record['batch_size'] == 8
+  assert record['runtime']['cpu_train_convolutions'] == 'ynnpack'  # 8x8: 'auto' keeps YNNPACK's
   assert len(record['window_s']) == 2 and all(_positive(s) for s in record['window_s'])
   _check_summary(record['steps_per_s'])
   _check_summary(record['images_per_s'])
@@ -101,6 +102,7 @@ def test_sample_throughput_tiny(tmp_path):
   for key in META_KEYS + ('forward_flops_per_image', 'methods', 'num_images'):
     assert key in record, key
   assert _positive(record['forward_flops_per_image'])
+  assert record['runtime']['cpu_sample_reductions'] == 'xla'  # what the sampler is compiled with
   by_name = {m['method']: m for m in record['methods']}
   assert set(by_name) == {'ancestral', 'ddim5', 'respaced5'}
   ancestral = by_name['ancestral']
