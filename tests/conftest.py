@@ -82,9 +82,6 @@ def randomize(params, seed: int, scale: float = 0.05):
       lambda p: np.asarray(p + scale * rng.standard_normal(p.shape), np.float32), params)
 
 
-# ------------------------------------------------------------------------ a tiny model for sampling/eval
-
-
 def ops_by_library(hlo: str, opcode: str) -> tuple[int, int]:
   """(`opcode` ops inside YNNPACK fusions, `opcode` ops XLA emits itself) of an optimized CPU HLO text."""
   ynn_bodies = {re.search(r'calls=%([\w.\-]+)', line).group(1)
@@ -101,6 +98,9 @@ def ops_by_library(hlo: str, opcode: str) -> tuple[int, int]:
       else:
         own += 1
   return in_ynn, own
+
+
+# ------------------------------------------------------------------------ a tiny model for sampling/eval
 
 
 def tiny_config(num_timesteps: int = 10):
