@@ -13,6 +13,7 @@ def get_config():
   config.diffusion.num_timesteps = 20
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 2
+  config.optim.lr_schedule = 'constant'  # tests resume runs with a changed num_train_steps
   config.training.batch_size = 16
   config.training.num_train_steps = 4
   config.training.log_every = 2

@@ -32,6 +32,7 @@ _CHOICES = {
     'diffusion.var_type': diffusion.VAR_TYPES,
     'diffusion.loss_type': diffusion.LOSS_TYPES,
     'optim.optimizer': train.OPTIMIZERS,
+    'optim.lr_schedule': train.LR_SCHEDULES,
     'sampling.method': sampling.METHODS,
     'model.name': models.MODEL_NAMES,
     'model.dtype': tuple(models.DTYPES),
@@ -153,6 +154,14 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
   for field, value in _leaves(config):
     if not _is_finite(value):
       _fail(field, value, 'expected finite numbers')
+
+
+def _check_optim(config: ml_collections.ConfigDict) -> None:
+  o, steps = config.optim, config.training.num_train_steps
+  if o.lr_schedule == 'cosine' and o.warmup_steps >= steps:
+    _fail('optim.warmup_steps', o.warmup_steps,
+          f"with optim.lr_schedule='cosine' the warm-up must end before training.num_train_steps={steps} "
+          "(the cosine runs from its end to the last step); use fewer warm-up steps or 'constant'")
 
 
 def _check_runtime(config: ml_collections.ConfigDict) -> None:
@@ -318,6 +327,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   """
   _check_fields(config)
   _check_diffusion(config)
+  _check_optim(config)
   _check_batches(config, num_devices, num_processes)
   _check_sampling(config)
   _check_data(config)

@@ -75,6 +75,14 @@ def test_model_and_data_fields_are_checked():
   _bad(image_folder_without_path, 'data.image_folder')
 
 
+def test_a_cosine_learning_rate_needs_the_warm_up_to_end_before_the_last_step():
+  def long_warm_up(c):
+    c.optim.lr_schedule = 'cosine'
+    c.optim.warmup_steps = c.training.num_train_steps
+  _bad(long_warm_up, 'config.optim.warmup_steps=4 is invalid', "lr_schedule='cosine'",
+       'training.num_train_steps=4')  # configs/tiny.py trains 4 steps
+
+
 def test_unknown_metric():
   _bad(lambda c: setattr(c.eval, 'metrics', ('bpd', 'kid')), 'eval.metrics', 'kid')
 
@@ -114,6 +122,7 @@ def test_not_finite_numbers_anywhere_in_the_tree_fail():
     ('sampling.interpolation_num_lambdas', 1, 'expected an integer >= 2'),
     ('data.num_channels', 2, 'expected 1 (grey) or 3 (RGB)'),
     ('optim.optimizer', 'sgd', "allowed: ('adam', 'adamw')"),
+    ('optim.lr_schedule', 'linear', "allowed: ('constant', 'cosine')"),
     ('sampling.method', 'euler', "allowed: ('ancestral', 'ddim')"),
 ])
 def test_field_types_fail_in_the_one_format(field, value, allowed):

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import textwrap
 
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 from configs import tiny
 from conftest import REPO_ROOT, ops_by_library, run_with_devices
@@ -54,6 +56,23 @@ def test_learning_rate_warms_up_linearly_then_stays():
   assert float(schedule(0)) == 0.0
   np.testing.assert_allclose(float(schedule(5)), lr / 2, rtol=1e-6)
   np.testing.assert_allclose([float(schedule(10)), float(schedule(10_000))], [lr, lr], rtol=1e-6)
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(warmup=st.integers(0, 50), decay=st.integers(1, 300),
+                  lr=st.floats(1e-5, 1e-2, allow_nan=False))
+def test_cosine_learning_rate_warms_up_then_falls_along_half_a_cosine_to_zero(warmup, decay, lr):
+  """optim.lr_schedule='cosine' against the formula in float64: lr * s / w during the warm-up, then
+  lr * (1 + cos(pi * (s - w) / (N - w))) / 2 until s = N, and 0 after."""
+  config = tiny.get_config()
+  config.optim.update(lr_schedule='cosine', warmup_steps=warmup, learning_rate=lr)
+  config.training.num_train_steps = n = warmup + decay
+  schedule = state_lib.learning_rate_schedule(config)
+  steps = np.unique(np.r_[0, warmup // 2, warmup, warmup + 1, warmup + decay // 3, n - 1, n, n + 7])
+  want = np.where(steps < warmup, lr * steps / max(warmup, 1),
+                  lr * (1 + np.cos(np.pi * np.minimum(steps - warmup, decay) / decay)) / 2)
+  got = np.array([float(schedule(int(s))) for s in steps])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=lr * 1e-6)
 
 
 def _equations(jaxpr):

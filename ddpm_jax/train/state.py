@@ -19,6 +19,9 @@ from ddpm_jax import models
 from ddpm_jax.diffusion import timesteps
 
 OPTIMIZERS = ('adam', 'adamw')
+# optim.lr_schedule: what follows the warm-up ('constant': DDPM's and iDDPM's; 'cosine': half a cosine
+# down to 0 at training.num_train_steps).
+LR_SCHEDULES = ('constant', 'cosine')
 
 
 def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
@@ -58,11 +61,21 @@ class TrainState:
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """DDPM: linear warm-up from 0 over `warmup_steps`, then constant."""
-  lr, warmup = config.optim.learning_rate, config.optim.warmup_steps
-  if warmup == 0:
-    return optax.constant_schedule(lr)
-  return optax.linear_schedule(0.0, lr, warmup)
+  """The learning rate of each step: a linear warm-up from 0 over optim.warmup_steps (DDPM Appendix B),
+  then optim.lr_schedule's.
+
+  'constant' (DDPM, iDDPM): optim.learning_rate from then on. 'cosine': half a cosine from
+  optim.learning_rate at the end of the warm-up down to 0 at training.num_train_steps (SGDR, Loshchilov
+  & Hutter 2017, without restarts), lr * (1 + cos(pi * (s - w) / (N - w))) / 2: for short runs, where
+  the last steps at a low rate leave the weights (and their EMA) closer to a minimum.
+  """
+  o = config.optim
+  if o.lr_schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps,
+                                              config.training.num_train_steps)
+  if o.warmup_steps == 0:
+    return optax.constant_schedule(o.learning_rate)
+  return optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
 
 
 def create_optimizer(config: ml_collections.ConfigDict,
