@@ -84,7 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
   optim.eps = 1e-8
   optim.weight_decay = 0.0       # adamw only
   optim.warmup_steps = 5000
-  optim.lr_schedule = 'constant'  # after the warm-up: constant (DDPM) | cosine (down to 0 at the last step)
+  # After the warm-up: 'constant' (DDPM) | 'cosine' (down to 0 at training.num_train_steps; raising that field
+  # when resuming moves the end, and the rate jumps up to the longer cosine's value at the current step).
+  optim.lr_schedule = 'constant'
   optim.grad_clip = 1.0          # global norm; 0 disables
 
   # --- sampling (DDPM Alg. 2, iDDPM §4, DDIM) ---
