@@ -12,48 +12,13 @@ progressive, interpolate.
 import logging as py_logging
 import os
 import sys
-import tempfile
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before any path imports TensorFlow (data/tf_cpu.py)
 
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-class _CapturedNativeStderr:
-  """Sends file descriptor 2 to a temporary file for the duration of a `with` block; `.text` keeps it.
-
-  Importing the jobs imports TensorFlow (clu's summary writer), whose C++ start-up lines (oneDNN's
-  notice and absl's 'All log messages before absl::InitializeLog() ...') ignore TF_CPP_MIN_LOG_LEVEL in
-  TF 2.21. They only concern TF (the data loader here), so main() replays them under --verbosity=1; an
-  import that fails replays them at once, above its traceback.
-  """
-
-  def __enter__(self) -> '_CapturedNativeStderr':
-    sys.stderr.flush()
-    self.text = ''
-    self._file = tempfile.TemporaryFile()
-    self._saved_fd = os.dup(2)
-    os.dup2(self._file.fileno(), 2)
-    return self
-
-  def __exit__(self, exc_type, exc, tb) -> None:
-    sys.stderr.flush()
-    os.dup2(self._saved_fd, 2)
-    os.close(self._saved_fd)
-    self._file.seek(0)
-    self.text = self._file.read().decode(errors='replace')
-    self._file.close()
-    if exc_type is not None:
-      self.replay()
-
-  def replay(self) -> None:
-    sys.stderr.write(self.text)
-    sys.stderr.flush()
-
-
-with _CapturedNativeStderr() as _TF_STARTUP:
-  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  from ddpm_jax import jobs  # pylint: disable=g-import-not-at-top
+from ddpm_jax import jobs  # pylint: disable=g-import-not-at-top
 
 config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
@@ -74,8 +39,6 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.verbosity <= logging.INFO:  # --verbosity=1 (debug) shows everything
     logging.get_absl_handler().addFilter(_quiet_library_info)
-  else:
-    _TF_STARTUP.replay()
   config = FLAGS.config
   try:
     mesh = jobs.setup(config)

@@ -13,9 +13,10 @@ import pytest
 
 from configs import _large256, cifar10, default
 from conftest import randomize
+from ddpm_jax.data import tf_cpu_only
 from ddpm_jax.models import convert_tf, create_model, init_params, param_shapes
 
-tf = convert_tf._import_tf()  # pylint: disable=protected-access  (the same GPU-hiding import)
+tf = tf_cpu_only()  # the converter's own way into TF
 
 
 def tiny_config():

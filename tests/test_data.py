@@ -382,3 +382,19 @@ def test_shipped_configs_are_valid(module):
   validate_config(module.get_config())
   streamed = module in (celeba_hq, lsun_church, lsun_bedroom)
   assert data.resolve_source(module.get_config()).in_memory == (not streamed)
+
+
+def test_tensorflows_native_start_up_lines_are_captured_and_shown_only_on_failure(capfd):
+  """data/tf_cpu.py's capture of file descriptor 2 (where TF's C++ start-up lines go, past sys.stderr)."""
+  from ddpm_jax.data.tf_cpu import captured_native_stderr  # pylint: disable=g-import-not-at-top
+  with captured_native_stderr() as text:
+    os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on.\n')
+  assert text == ['I0000 port.cc:153] oneDNN custom operations are on.\n']
+  assert 'oneDNN' not in capfd.readouterr().err
+  with pytest.raises(ImportError, match='no such library'):
+    with captured_native_stderr():
+      os.write(2, b'E0000 could not load libfoo.so\n')
+      raise ImportError('no such library')
+  assert 'could not load libfoo.so' in capfd.readouterr().err  # above the traceback it explains
+  os.write(2, b'after\n')
+  assert capfd.readouterr().err == 'after\n'  # the descriptor is back where it was

@@ -29,6 +29,12 @@ LAYERS = {
 JOBS_PACKAGE = 'ddpm_jax.jobs'  # its __init__ is the dispatch table: it alone may import the job modules
 CONFIG_MODULE = 'ddpm_jax.config'  # validates the whole tree: it may import libraries, not the reverse
 CONFIG_AWARE_DIFFUSION = {'ddpm_jax.diffusion.factory'}  # the one ml_collections user below libraries
+# TensorFlow must never see an accelerator, and only the jobs that need it may pay for its import:
+# `tensorflow` is imported by the gate (tf_cpu_only, which hides every GPU / TPU first) alone, and a
+# module that imports a library importing TF imports the gate as well (to call it first).
+TF_GATE, TF_GATE_PACKAGE = 'ddpm_jax.data.tf_cpu', 'ddpm_jax.data'  # the package re-exports tf_cpu_only
+TF_TYPE_HINTS_ONLY = {'ddpm_jax.data.tfds_source'}  # `import tensorflow` under TYPE_CHECKING only
+TF_IMPORTING_LIBRARIES = {'clu', 'tensorflow_datasets'}
 
 Graph = dict[str, set[str]]
 
@@ -184,6 +190,14 @@ def ml_collections_in_diffusion(external: dict[str, set[str]]) -> list[str]:
           and m not in CONFIG_AWARE_DIFFUSION and 'ml_collections' in external[m]]
 
 
+def ungated_tensorflow(graph: Graph, external: dict[str, set[str]]) -> list[str]:
+  problems = [f'{m} imports tensorflow' for m in sorted(external)
+              if 'tensorflow' in external[m] and m not in {TF_GATE} | TF_TYPE_HINTS_ONLY]
+  return problems + [f'{m} imports {", ".join(sorted(external[m] & TF_IMPORTING_LIBRARIES))} without {TF_GATE}'
+                     for m in sorted(external) if external[m] & TF_IMPORTING_LIBRARIES
+                     and not graph[m] & {TF_GATE, TF_GATE_PACKAGE}]
+
+
 # ------------------------------------------------------------------------------------------- tests
 
 
@@ -209,7 +223,11 @@ def test_the_checker_finds_what_it_looks_for(tmp_path):
       'ddpm_jax/checkpoints.py': 'from ddpm_jax.train import loop\nfrom ddpm_jax.nowhere import y\n',
       'ddpm_jax/config.py': 'from ddpm_jax.train.loop import LOSSES\n',
       'ddpm_jax/jobs/__init__.py': 'from ddpm_jax.jobs import sample, train\n',
-      'ddpm_jax/jobs/sample.py': 'from ddpm_jax import parallel\n',
+      'ddpm_jax/jobs/sample.py': 'from ddpm_jax import parallel\nimport tensorflow\n',
+      'ddpm_jax/data/__init__.py': '',
+      'ddpm_jax/data/tf_cpu.py': 'def tf_cpu_only():\n  import tensorflow\n',
+      'ddpm_jax/data/tfds.py': 'from ddpm_jax.data.tf_cpu import tf_cpu_only\nimport tensorflow_datasets\n',
+      'ddpm_jax/evaluation.py': 'from clu import metric_writers\n',
       'ddpm_jax/jobs/train.py': 'from ddpm_jax.jobs.sample import run\n',
   }
   for name, text in files.items():
@@ -230,6 +248,8 @@ def test_the_checker_finds_what_it_looks_for(tmp_path):
   assert job_to_job_imports(graph) == ['ddpm_jax.jobs.train imports ddpm_jax.jobs.sample']
   assert config_imports_by_libraries(graph, LAYERS) == ['ddpm_jax.train.loop imports ddpm_jax.config']
   assert ml_collections_in_diffusion(external) == ['ddpm_jax.diffusion.a']
+  assert ungated_tensorflow(graph, external) == [
+      'ddpm_jax.jobs.sample imports tensorflow', f'ddpm_jax.evaluation imports clu without {TF_GATE}']
   assert find_cycles({'x': {'y'}, 'y': set()}) == []
 
 
@@ -269,3 +289,9 @@ def test_no_library_imports_config():
 def test_ml_collections_only_in_the_diffusion_factory():
   modules = ml_collections_in_diffusion(_package()[1])
   assert not modules, f'ml_collections imported below diffusion/factory.py by {modules}'
+
+
+def test_tensorflow_only_through_its_gate():
+  """The static half of data/tf_cpu.py's rule; tests/test_main.py checks that sampling never imports TF."""
+  problems = ungated_tensorflow(*_package()[:2])
+  assert not problems, '\n'.join(problems)

@@ -26,6 +26,21 @@ def _main(workdir, *args, check=True):
   return _python('main.py', '--config=configs/tiny.py', f'--workdir={workdir}', *args, check=check)
 
 
+# main.py as `python main.py ...`, then one more stdout line: whether the job imported TensorFlow.
+_MAIN_SAYING_IF_TF = ("import atexit, runpy, sys; "
+                      "atexit.register(lambda: print('tensorflow imported:', 'tensorflow' in sys.modules)); "
+                      "sys.argv[0] = 'main.py'; runpy.run_path('main.py', run_name='__main__')")
+_TF_STARTUP_NOISE = ('oneDNN', 'absl::InitializeLog', 'cpu_feature_guard')
+
+
+def _main_saying_if_tf(workdir, *args):
+  """`_main`, and whether the job imported TensorFlow (data/tf_cpu.py: only the paths that need it)."""
+  proc = _python('-c', _MAIN_SAYING_IF_TF, '--config=configs/tiny.py', f'--workdir={workdir}', *args)
+  imported = proc.stdout.strip().splitlines()[-1]
+  assert imported in ('tensorflow imported: True', 'tensorflow imported: False'), proc.stdout[-2000:]
+  return proc, imported.endswith('True')
+
+
 def _grid_tiles(path: str, num: int, size: int) -> np.ndarray:
   """The `num` [size, size] grey tiles of a training sample grid, at their original resolution."""
   grid = np.asarray(Image.open(path))
@@ -43,7 +58,12 @@ def test_train_resume_sample_eval_progressive_interpolate(tmp_path):
   """Every job of main.py on one workdir, in the order a user runs them (one test: each job after
   the first needs a trained workdir, and training one per test costs a subprocess each)."""
   workdir = str(tmp_path / 'run')
-  _main(workdir, '--config.training.num_train_steps=2')
+  # Training imports TensorFlow (clu's TensorBoard writer), through tf_cpu_only, which keeps TF's C++
+  # start-up lines out of the job's output.
+  trained, tf_imported = _main_saying_if_tf(workdir, '--config.training.num_train_steps=2')
+  assert tf_imported
+  for noise in _TF_STARTUP_NOISE:
+    assert noise not in trained.stderr + trained.stdout, noise
   # 8 samples of 8x8 (configs/tiny.py): each varies, and no two are alike (each has its own noise).
   tiles = _grid_tiles(os.path.join(workdir, 'samples_2.png'), 8, 8).reshape(8, -1).astype(np.float64)
   assert np.all(tiles.std(axis=1) > 10), tiles.std(axis=1)
@@ -54,14 +74,16 @@ def test_train_resume_sample_eval_progressive_interpolate(tmp_path):
   assert 'Resuming from the checkpoint at step 2' in resumed.stderr
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4'))
 
-  _main(workdir, '--mode=sample', '--config.sampling.timestep_respacing=5')
+  _, tf_imported = _main_saying_if_tf(workdir, '--mode=sample', '--config.sampling.timestep_respacing=5')
+  assert not tf_imported  # sampling needs no TF: ~4 s less start-up on a CPU
   shards = sorted(f for f in os.listdir(os.path.join(workdir, 'samples')) if f.endswith('.npz'))
   assert len(shards) == 2
   with np.load(os.path.join(workdir, 'samples', shards[0])) as shard:
     images = next(iter(shard.values()))
   assert images.dtype == np.uint8 and images.shape == (8, 8, 8, 1)
 
-  _main(workdir, '--mode=eval', '--config.eval.metrics=("bpd",)')
+  _, tf_imported = _main_saying_if_tf(workdir, '--mode=eval', '--config.eval.metrics=("bpd",)')
+  assert not tf_imported  # nor the bound on in-memory digits
   with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
     metrics = json.load(f)
   # The bound of a model trained for 4 steps, on 16 test and 16 train digits (configs/tiny.py):

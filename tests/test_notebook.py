@@ -115,7 +115,8 @@ def test_final_summary_says_where_and_what(tmp_path):
 def test_main_starts_without_tensorflow_or_backend_noise(tmp_path):
   """The README's first command shows a newcomer no TF C++ start-up lines (oneDNN notice, absl's
   InitializeLog warning) and no JAX TPU probe; --verbosity=1 shows them (not asserted: they depend on
-  the machine). A bad config value stops the run right after the set-up that would print them."""
+  the machine). A bad config value stops the run right after the set-up (which imports no TF; the
+  training run of tests/test_main.py checks the lines stay hidden when training imports it)."""
   import subprocess  # pylint: disable=g-import-not-at-top
   cmd = [sys.executable, os.path.join(REPO_ROOT, 'main.py'), '--config=configs/tiny.py',
          f'--workdir={tmp_path}', '--config.diffusion.beta_schedule=linaer']

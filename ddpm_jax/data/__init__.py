@@ -1,9 +1,9 @@
 """Data: tfds, embedded digits, image folders -> one iterator of [-1, 1] NHWC batches per process.
 
 Importing this package changes nothing in TensorFlow (nor imports it). TF, used here only to read
-data, must never take accelerator memory from JAX: `tf_cpu_only()` hides every GPU / TPU from it;
-`ddpm_jax.jobs.setup` calls it before anything runs, and every function here that uses TF calls it
-first too (it is idempotent).
+data, must never take accelerator memory from JAX: `tf_cpu_only()` (tf_cpu.py) is the package's one
+way into it, hiding every GPU / TPU first; every function here that uses TF calls it (it is
+idempotent), and so does every other module that needs TF or a library importing it.
 """
 
 from ddpm_jax.data.digits import load_digits_split

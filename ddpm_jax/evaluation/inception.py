@@ -63,6 +63,7 @@ from absl import logging
 from flax import traverse_util
 
 from ddpm_jax import workdir
+from ddpm_jax.data.tf_cpu import tf_cpu_only
 
 INCEPTION_URL = 'http://download.tensorflow.org/models/image/imagenet/inception-2015-12-05.tgz'
 GRAPH_DEF_NAME = 'classify_image_graph_def.pb'
@@ -495,8 +496,7 @@ def tf_const_name(path: str) -> str:
 
 def read_graph_def(path: str):
   """The parsed GraphDef protobuf of a .pb file (ValueError naming the file if it is not one)."""
-  from tensorflow.core.framework import graph_pb2  # pylint: disable=g-import-not-at-top
-  graph_def = graph_pb2.GraphDef()
+  graph_def = tf_cpu_only().compat.v1.GraphDef()
   with open(path, 'rb') as f:
     try:
       graph_def.ParseFromString(f.read())
@@ -557,7 +557,7 @@ def convert_graph_def(path: str) -> Variables:
   BatchNormWithGlobalNormalization has scale_after_normalization=False (the op then ignores it).
   Returns {'params': ..., 'batch_stats': ...} of float32 numpy arrays.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = tf_cpu_only()
   source = f'Inception weights file {path!r}'
   graph_def = read_graph_def(path)
   nodes = {n.name: n for n in graph_def.node}

@@ -22,23 +22,21 @@ from jax.sharding import Mesh
 from ddpm_jax import parallel, runtime
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.config import validate_config
-from ddpm_jax.data.tf_cpu import tf_cpu_only
 from ddpm_jax.jobs import evaluate, interpolate, progressive, sample, train
 
 Job = Callable[[ml_collections.ConfigDict, str, Mesh], Any]
 
 
 def setup(config: ml_collections.ConfigDict) -> Mesh:
-  """Once per process, before any job: hosts, TF off the accelerators, the mesh, the config checked.
+  """Once per process, before any job: hosts, the CPU runtime, the mesh, the config checked.
 
   Joins the other hosts first (`training.distributed`: nothing may touch a device before), applies
-  `runtime.configure_runtime` (CPU devices, compilation cache), hides every
-  GPU / TPU from TensorFlow (a data loader here, which must leave accelerator memory to JAX), builds
-  the mesh of all devices and validates the whole config against it. Returns the mesh.
+  `runtime.configure_runtime` (CPU devices, compilation cache), builds the mesh of all devices and
+  validates the whole config against it. Returns the mesh. TensorFlow is not imported here: the paths
+  that need it go through `ddpm_jax.data.tf_cpu_only`, which hides every GPU / TPU from it first.
   """
   parallel.maybe_initialize_distributed(config.training.distributed)
   runtime.configure_runtime(config)
-  tf_cpu_only()
   mesh = parallel.create_mesh()
   validate_config(config, num_devices=mesh.devices.size, num_processes=jax.process_count())
   logging.info('JAX %s: process %d/%d, %d local / %d global devices (%s)', jax.__version__,

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh
 
 from ddpm_jax import checkpoints, data, diffusion, images, models, parallel, runtime, sampling
@@ -105,6 +104,19 @@ def _write_sample_grid(config: ml_collections.ConfigDict, sample_fn: Any, mesh: 
   return path
 
 
+def _metric_writer(workdir: str, num_steps: int, every_steps: int) -> tuple[Any, Any]:
+  """clu's metric writer (TensorBoard events and the log) and its steps/s reporter.
+
+  clu's writer imports TensorFlow: it is imported here, after `tf_cpu_only`, so that the other jobs
+  never import TF and TF never sees an accelerator.
+  """
+  data.tf_cpu_only()
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
+  writer = metric_writers.create_default_writer(workdir, just_logging=not parallel.is_writer())
+  return writer, periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                                 every_steps=every_steps)
+
+
 def _initial_state(config: ml_collections.ConfigDict, manager: Any, mesh: Mesh,
                    data_iterator: Any) -> TrainState:
   """The latest checkpoint's state (and data position), or a fresh state from the seed."""
@@ -166,9 +178,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, manager:
                               runtime.train_convolutions(config))
   train_key = stream_key(config, TRAIN_STREAM)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=not parallel.is_writer())
-  progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                             every_steps=config.training.log_every)
+  writer, progress = _metric_writer(workdir, num_steps, config.training.log_every)
   preemption = _Preemption()
   t = config.training
   metric_sum: dict[str, jax.Array] | None = None

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from ddpm_jax.data.tf_cpu import tf_cpu_only
+
 TF_PREFIX = 'model/'
 EMA_SUFFIX = '/ExponentialMovingAverage'
 _TF_LEAVES = ('W', 'b', 'gamma', 'beta')
@@ -26,15 +28,6 @@ _CONV_LEAVES = {'kernel': 'W', 'bias': 'b'}    # conv2d, nin, dense
 _NORM_LEAVES = {'scale': 'gamma', 'bias': 'beta'}  # group_norm
 
 Params = Any
-
-
-def _import_tf():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (slow import, only needed here)
-  try:
-    tf.config.set_visible_devices([], 'GPU')  # TF must not take the accelerator from JAX
-  except RuntimeError:
-    pass  # TF already initialised its devices in this process; nothing more to hide
-  return tf
 
 
 def load_tf_checkpoint(path: str) -> dict[str, np.ndarray]:
@@ -47,7 +40,7 @@ def load_tf_checkpoint(path: str) -> dict[str, np.ndarray]:
     {TF variable name: array}. Optimizer slots (e.g. `.../W/Adam`) and non-network variables are
     skipped.
   """
-  tf = _import_tf()
+  tf = tf_cpu_only()
   reader = tf.train.load_checkpoint(path)
   names = [n for n in reader.get_variable_to_shape_map() if n.startswith(TF_PREFIX)
            and (n.endswith(EMA_SUFFIX) or n.rsplit('/', 1)[-1] in _TF_LEAVES)]
@@ -62,7 +55,7 @@ def save_tf_checkpoint(prefix: str, tf_vars: Mapping[str, np.ndarray]) -> str:
 
   Returns the prefix, which `load_tf_checkpoint` / tf.train.load_checkpoint accept.
   """
-  tf = _import_tf()
+  tf = tf_cpu_only()
   names = sorted(tf_vars)
   tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[''] * len(names),
                     tensors=[tf.constant(np.asarray(tf_vars[n])) for n in names])
