@@ -21,7 +21,6 @@ CPU (where device memory is host memory, device->host copies are not guarded).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ from bench import common  # pylint: disable=g-import-not-at-top
 from ddpm_jax import diffusion, models, parallel, runtime  # pylint: disable=g-import-not-at-top
 from ddpm_jax.config import validate_config  # pylint: disable=g-import-not-at-top
 from ddpm_jax.streams import INIT_STREAM, TRAIN_STREAM, stream_key  # pylint: disable=g-import-not-at-top
-from ddpm_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
+from ddpm_jax.train.state import jit_create_train_state  # pylint: disable=g-import-not-at-top
 from ddpm_jax.train.step import jit_train_step  # pylint: disable=g-import-not-at-top
 
 common.define_common_flags(flags)
@@ -63,8 +62,7 @@ def setup(config: ml_collections.ConfigDict, mesh: Any) -> dict[str, Any]:
   step = jit_train_step(model, diffusion.coefficients_from_config(config.diffusion), mesh,
                         config.runtime.gradient_all_reduce,
                         runtime.train_convolutions(config))
-  init = jax.jit(functools.partial(create_train_state, config), out_shardings=repl)
-  state = init(stream_key(config, INIT_STREAM))
+  state = jit_create_train_state(config, mesh)(stream_key(config, INIT_STREAM))
   c, size = config.data.num_channels, config.data.image_size
   rng = np.random.default_rng(config.seed)
   batch = rng.uniform(-1.0, 1.0, (config.training.batch_size, size, size, c)).astype(np.float32)

@@ -105,6 +105,20 @@ def cpu_compiler_options(mesh: Mesh, *, convolutions: str = 'ynnpack',
   return {_YNN_FUSION_TYPE: ','.join(kinds)}
 
 
+def run_once_compiler_options(mesh: Mesh) -> dict[str, int]:
+  """`jax.jit(..., compiler_options=...)` for a program that runs once per job (the weights' initialisation).
+
+  On a CPU mesh: XLA's backend without LLVM's optimisations (`xla_backend_optimization_level=0`). Such a
+  program is all random draws, one per weight, and compiling it costs far more than running it: the
+  initial train state of configs/digits.py compiles in 3 s instead of 11 s and of configs/cifar10.py's
+  U-Net in 11 s instead of 17 s; the whole init (compile + run) is 1.1-3.2x faster from the 0.7M- to the
+  121M-parameter U-Nets, and its values are bit-identical (integer hashing and exactly rounded float
+  operations, which LLVM's optimisations do not reorder without fast-math; BENCHMARKS.md). Empty (XLA's
+  defaults) on other platforms.
+  """
+  return {'xla_backend_optimization_level': 0} if mesh.devices.flat[0].platform == 'cpu' else {}
+
+
 def enable_compilation_cache(path: str) -> None:
   """JAX's persistent compilation cache in `path`: a later run of the same job loads its executables.
 

@@ -415,6 +415,23 @@ def test_checkpoints_written_before_newer_config_fields_still_restore(tmp_path):
     checkpoints.restore_for_inference(str(tmp_path / 'run'), config, parallel.create_mesh())
 
 
+def test_initial_state_compiles_as_a_run_once_program_and_is_bit_identical():
+  """`jit_create_train_state` compiles the init without LLVM's optimisations on a CPU (it runs once):
+  the state is bit for bit the one the optimised program makes."""
+  config = tiny.get_config()
+  mesh = parallel.create_mesh()
+  assert parallel.run_once_compiler_options(mesh) == {'xla_backend_optimization_level': 0}
+  key = jax.random.key(7)
+  fast = state_lib.jit_create_train_state(config, mesh)(key)
+  optimised = jax.jit(lambda k: state_lib.create_train_state(config, k),
+                      compiler_options={'xla_backend_optimization_level': 3})(key)
+  paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(fast)]
+  assert paths == [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(optimised)]
+  for a, b in zip(_leaves(fast), _leaves(optimised), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(fast))
+
+
 class _Marker:
   """A stand-in for a step's loss array: records when the host waited for it."""
 

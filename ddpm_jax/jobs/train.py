@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from ddpm_jax import checkpoints, data, diffusion, images, models, parallel, runtime, sampling
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.streams import GRID_STREAM, INIT_STREAM, TRAIN_STREAM, stream_key
-from ddpm_jax.train import TrainState, create_train_state, jit_train_step
+from ddpm_jax.train import TrainState, jit_create_train_state, jit_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -124,9 +124,7 @@ def _initial_state(config: ml_collections.ConfigDict, manager: Any, mesh: Mesh,
   if state is not None:
     logging.info('Resuming from the checkpoint at step %d.', int(state.step))
     return state
-  init = jax.jit(lambda key: create_train_state(config, key),
-                 out_shardings=parallel.replicated_sharding(mesh))
-  return init(stream_key(config, INIT_STREAM))
+  return jit_create_train_state(config, mesh)(stream_key(config, INIT_STREAM))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
