@@ -38,6 +38,8 @@ AUTO_XLA_CONVOLUTIONS_MIN_SIZE = 16
 # (Intel Xeon, BENCHMARKS.md); in the train step YNNPACK's are the faster, so it keeps them.
 CPU_REDUCTIONS = ('xla', 'ynnpack')
 _YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
+# LLVM's optimisation level for XLA's backend: 0 for programs that run once (`run_once_compiler_options`).
+_RUN_ONCE_OPTION = 'xla_backend_optimization_level'
 # XLA:CPU's default YNNPACK fusions in jaxlib 0.10.2: individual convolutions, individual dots, reductions.
 _YNN_CONVOLUTION, _YNN_DOT, _YNN_REDUCE = (f'LIBRARY_FUSION_TYPE_{kind}' for kind in (
     'INDIVIDUAL_CONVOLUTION', 'INDIVIDUAL_DOT', 'REDUCE'))
@@ -111,12 +113,16 @@ def run_once_compiler_options(mesh: Mesh) -> dict[str, int]:
   On a CPU mesh: XLA's backend without LLVM's optimisations (`xla_backend_optimization_level=0`). Such a
   program is all random draws, one per weight, and compiling it costs far more than running it: the
   initial train state of configs/digits.py compiles in 3 s instead of 11 s and of configs/cifar10.py's
-  U-Net in 11 s instead of 17 s; the whole init (compile + run) is 1.1-3.2x faster from the 0.7M- to the
+  U-Net in 11 s instead of 17 s; the whole init (compile + run) is 1.04-3.2x faster from the 0.7M- to the
   121M-parameter U-Nets, and its values are bit-identical (integer hashing and exactly rounded float
   operations, which LLVM's optimisations do not reorder without fast-math; BENCHMARKS.md). Empty (XLA's
-  defaults) on other platforms.
+  defaults) on other platforms and when the user's XLA_FLAGS set `xla_backend_optimization_level`
+  themselves (which also turns this off: `--xla_backend_optimization_level=3`).
   """
-  return {'xla_backend_optimization_level': 0} if mesh.devices.flat[0].platform == 'cpu' else {}
+  if (mesh.devices.flat[0].platform != 'cpu'
+      or _RUN_ONCE_OPTION in os.environ.get('XLA_FLAGS', '')):
+    return {}
+  return {_RUN_ONCE_OPTION: 0}
 
 
 def enable_compilation_cache(path: str) -> None:

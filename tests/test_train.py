@@ -415,11 +415,15 @@ def test_checkpoints_written_before_newer_config_fields_still_restore(tmp_path):
     checkpoints.restore_for_inference(str(tmp_path / 'run'), config, parallel.create_mesh())
 
 
-def test_initial_state_compiles_as_a_run_once_program_and_is_bit_identical():
+def test_initial_state_compiles_as_a_run_once_program_and_is_bit_identical(monkeypatch):
   """`jit_create_train_state` compiles the init without LLVM's optimisations on a CPU (it runs once):
-  the state is bit for bit the one the optimised program makes."""
+  the state is bit for bit the one the optimised program makes. A level in the user's XLA_FLAGS wins."""
   config = tiny.get_config()
   mesh = parallel.create_mesh()
+  monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=3')
+  assert parallel.run_once_compiler_options(mesh) == {}
+  # (the suite's own XLA_FLAGS set level 0 for every program: without them ddpm_jax sets it for this one)
+  monkeypatch.setenv('XLA_FLAGS', '')
   assert parallel.run_once_compiler_options(mesh) == {'xla_backend_optimization_level': 0}
   key = jax.random.key(7)
   fast = state_lib.jit_create_train_state(config, mesh)(key)
