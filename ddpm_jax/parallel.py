@@ -86,6 +86,12 @@ def split_host_cpu(num_devices: int) -> bool:
   return True
 
 
+def _may_set_cpu_option(mesh: Mesh, option: str) -> bool:
+  """Whether ddpm_jax may give a program on `mesh` the XLA:CPU compiler option `option`: only on a CPU
+  mesh, and never when the user's XLA_FLAGS name that option (theirs wins, for every program)."""
+  return mesh.devices.flat[0].platform == 'cpu' and option not in os.environ.get('XLA_FLAGS', '')
+
+
 def cpu_compiler_options(mesh: Mesh, *, convolutions: str = 'ynnpack',
                          reductions: str = 'ynnpack') -> dict[str, str]:
   """`jax.jit(..., compiler_options=...)` that give a program on a CPU mesh these kernels.
@@ -99,8 +105,7 @@ def cpu_compiler_options(mesh: Mesh, *, convolutions: str = 'ynnpack',
                                 ('reductions', reductions, CPU_REDUCTIONS)):
     if value not in allowed:
       raise ValueError(f'{field}={value!r} is invalid: allowed: {", ".join(allowed)}')
-  if (convolutions == reductions == 'ynnpack' or mesh.devices.flat[0].platform != 'cpu'
-      or _YNN_FUSION_TYPE in os.environ.get('XLA_FLAGS', '')):
+  if convolutions == reductions == 'ynnpack' or not _may_set_cpu_option(mesh, _YNN_FUSION_TYPE):
     return {}
   kinds = [kind for kind, library in ((_YNN_CONVOLUTION, convolutions), (_YNN_DOT, 'ynnpack'),
                                       (_YNN_REDUCE, reductions)) if library == 'ynnpack']
@@ -119,10 +124,7 @@ def run_once_compiler_options(mesh: Mesh) -> dict[str, int]:
   defaults) on other platforms and when the user's XLA_FLAGS set `xla_backend_optimization_level`
   themselves (which also turns this off: `--xla_backend_optimization_level=3`).
   """
-  if (mesh.devices.flat[0].platform != 'cpu'
-      or _RUN_ONCE_OPTION in os.environ.get('XLA_FLAGS', '')):
-    return {}
-  return {_RUN_ONCE_OPTION: 0}
+  return {_RUN_ONCE_OPTION: 0} if _may_set_cpu_option(mesh, _RUN_ONCE_OPTION) else {}
 
 
 def enable_compilation_cache(path: str) -> None:
