@@ -35,7 +35,9 @@ AUTO_XLA_CONVOLUTIONS_MIN_SIZE = 16
 # Whose reduction kernels XLA:CPU uses in the sampler (`runtime.cpu_sample_reductions`): 'xla', XLA's own
 # (YNNPACK kept for convolutions and dots); 'ynnpack', XLA:CPU's default. Why: GroupNorm's moments over
 # a sampling batch are a third of the digits sampler's time in YNNPACK's reductions and a tenth in XLA's
-# (Intel Xeon, BENCHMARKS.md); in the train step YNNPACK's are the faster, so it keeps them.
+# (Intel Xeon, BENCHMARKS.md); in the train step YNNPACK's are the faster, so it keeps them. The sampler's
+# convolutions stay YNNPACK's: XLA's own race inside its loop on single-threaded devices (jaxlib 0.10.2,
+# BENCHMARKS.md "Back on Zen 3"; tests/test_sampling.py checks the sampler is deterministic).
 CPU_REDUCTIONS = ('xla', 'ynnpack')
 _YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
 # LLVM's optimisation level for XLA's backend: 0 for programs that run once (`run_once_compiler_options`).

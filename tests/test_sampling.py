@@ -312,3 +312,34 @@ def test_progressive_at_default_xla_optimization():
                          f'{os.path.abspath(__file__)}::{name}'], cwd=REPO_ROOT, env=env,
                         capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0 and '1 passed' in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_the_cpu_sampler_is_deterministic_on_one_device_per_core():
+  """The CPU layout of issue #16 (one single-threaded device per core) with the sampler as ddpm_jax compiles
+  it (`jit_sample`: YNNPACK's convolutions): the same call gives the same samples every time. XLA:CPU's own
+  convolutions fail this in jaxlib 0.10.2 (the first rows of each device's shard change from call to call,
+  by up to 0.5 here: a race inside the sampling loop; BENCHMARKS.md "Back on Zen 3"), which is why the
+  sampler never gets them. Needs the digits network at 125 samples a device, 20 steps, weights that are
+  not a fresh initialisation (whose zero output layer makes every sample independent of the network)."""
+  run_with_devices("""
+      import sys; sys.path.insert(0, 'tests')
+      import jax, numpy as np
+      from conftest import random_params
+      from configs import digits
+      from ddpm_jax import models, parallel, sampling
+      assert jax.device_count() == 2
+      config = digits.get_config()
+      config.sampling.timestep_respacing = 'ddim20'
+      mesh = parallel.create_mesh()
+      params = parallel.replicate(random_params(config, 3), mesh)
+      fn = sampling.make_sample_fn(config, models.create_model(config), mesh)
+      first = np.asarray(fn(params, jax.random.key(0), np.arange(250)))
+      assert np.isfinite(first).all() and first.std() > 0.1, first.std()
+      for call in range(1, 6):
+        again = np.asarray(fn(params, jax.random.key(0), np.arange(250)))
+        rows = np.nonzero(np.abs(again - first).max(axis=(1, 2, 3)))[0]
+        assert rows.size == 0, f'call {call} changed rows {rows.tolist()} by up to {np.abs(again - first).max()}'
+  """, 2, env={'XLA_FLAGS': f'--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false '
+                            f'{TEST_XLA_FLAGS}'.strip()})
