@@ -1,7 +1,9 @@
-r"""ddpm_jax against PyTorch on the same network, side by side: train steps/s of each and their ratio.
+r"""ddpm_jax against PyTorch on the same network, side by side: train steps/s (or sampling images/s) and ratio.
 
   python bench/torch_peer.py --config=configs/digits.py --batch_size=64 --pairs=3 --windows=5 \
       --steps_per_window=20 --out=/tmp/peer_digits.json
+  python bench/torch_peer.py --config=configs/digits.py --measure=sample --method=ddim100 --batch_size=500 \
+      --pairs=3 --repeats=3 --out=/tmp/peer_digits_sampling.json
 
 Needs torch (CPU build) in the same environment; ddpm_jax never depends on it. Without torch the script
 prints one line saying so and exits 0.
@@ -18,6 +20,13 @@ Each of `--pairs` pairs runs, in separate processes and one after the other:
       config.optim.grad_clip, then the EMA update of the weights (`TrainState.apply_gradients` does the same);
       float32, torch's default threads and kernels (oneDNN on CPU), `--warmup_steps` untimed steps, then
       `--windows` windows of `--steps_per_window` steps.
+With `--measure=sample` the pairs time DDIM sampling (`--method=ddimK`) instead, `--batch_size` images a call:
+  (a) ddpm_jax: `bench/sample_throughput.py --methods=ddimK` (its compiled sampler, one untimed compile run,
+      then `--repeats` timed calls), float32;
+  (b) PyTorch: the same U-Net in eval mode under `torch.inference_mode()`, DDIM's update (eq. 12 of Song et
+      al., the config's `sampling.ddim_eta` and `clip_denoised`) over the same respaced timesteps (passed to
+      the worker from `ddpm_jax.diffusion.space_timesteps`), one untimed call, then `--repeats` timed calls.
+  The figure of a run is its median images/s over the calls.
 The frameworks alternate (and which goes first alternates from pair to pair), so that a drift of the
 machine's load or clock affects both. Each run's figure is the median steps/s over its windows; the ratio
 of a pair is ddpm_jax / PyTorch (above 1: ddpm_jax is faster). Both use one fixed random batch: the data
@@ -29,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -49,17 +59,25 @@ NO_TORCH_MESSAGE = ('torch is not installed: pip install torch (CPU build) to ru
                     'ddpm_jax never depends on it')
 
 config_flags.DEFINE_config_file('config', None, 'Path to a config file in configs/.', lock_config=True)
-flags.DEFINE_integer('batch_size', None, 'Global batch size (default: the config\'s).')
+flags.DEFINE_enum('measure', 'train', ['train', 'sample'],
+                  'train: train steps/s; sample: DDIM sampling images/s (--method, --repeats).')
+flags.DEFINE_integer('batch_size', None, 'Global batch size (default: the config\'s training or sampling one).')
 flags.DEFINE_integer('pairs', 3, 'Pairs of runs (one ddpm_jax run and one PyTorch run each).')
 flags.DEFINE_integer('windows', 5, 'Timed windows per run (>= 5 for a benchmark; fewer is a smoke run).')
 flags.DEFINE_integer('steps_per_window', 10, 'Train steps per timed window.')
 flags.DEFINE_integer('warmup_steps', 3, 'Untimed steps before the windows (after compilation for ddpm_jax).')
+flags.DEFINE_string('method', 'ddim100', 'With --measure=sample: the sampler, ddimK (K DDIM steps).')
+flags.DEFINE_integer('repeats', 3, 'With --measure=sample: timed calls per run, after one untimed call.')
+flags.DEFINE_list('timesteps', None, 'Internal (--worker, --measure=sample): the respaced timesteps.')
 flags.DEFINE_string('out', None, 'Where to write the JSON record (default: print only).')
 flags.DEFINE_bool('worker', False, 'Internal: run the PyTorch side once and write its record to --out.')
 FLAGS = flags.FLAGS
 
 MIN_WINDOWS = 5
+MIN_REPEATS = 3
 THROUGHPUT_SCRIPT = os.path.join(_REPO_ROOT, 'bench', 'train_throughput.py')
+SAMPLE_SCRIPT = os.path.join(_REPO_ROOT, 'bench', 'sample_throughput.py')
+RATE = {'train': 'steps_per_s', 'sample': 'images_per_s'}  # each measure's figure (higher is faster)
 
 
 def torch_available() -> bool:
@@ -143,25 +161,71 @@ def check_supported(config: ml_collections.ConfigDict) -> None:
                               'and Adam in float32 only: ' + ', '.join(bad))
 
 
+def torch_ddim_sampler(config: ml_collections.ConfigDict, model: Any, timesteps: list[int]) -> Any:
+  """DDIM sampling in PyTorch over the respaced `timesteps` (ascending), as `ddpm_jax.sampling` runs it.
+
+  Returns `sample(x_T)`: the network evaluated at each kept timestep from the last down, x_0 predicted
+  from eps (clipped to [-1, 1] when `sampling.clip_denoised`) and DDIM's update with `sampling.ddim_eta`
+  (Song et al. eq. 12); alpha-bar of the step before the first is 1.
+  """
+  import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+
+  d, s = config.diffusion, config.sampling
+  check_supported(config)
+  betas = torch.linspace(d.beta_start, d.beta_end, d.num_timesteps, dtype=torch.float64)
+  abar_all = torch.cumprod(1.0 - betas, dim=0)
+  abar = [float(abar_all[t]) for t in timesteps]
+  abar_prev = [1.0] + abar[:-1]
+  model.eval()
+
+  def sample(x: torch.Tensor) -> torch.Tensor:
+    for i in reversed(range(len(timesteps))):
+      a, a_prev = abar[i], abar_prev[i]
+      eps = model(x, torch.full((x.shape[0],), timesteps[i], dtype=torch.long))
+      x0 = (x - math.sqrt(1.0 - a) * eps) / math.sqrt(a)
+      if s.clip_denoised:
+        x0 = x0.clamp(-1.0, 1.0)
+      eps = (x - math.sqrt(a) * x0) / math.sqrt(1.0 - a)  # eps consistent with the clipped x0
+      sigma = s.ddim_eta * math.sqrt((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev))
+      x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev - sigma ** 2) * eps
+      if sigma > 0 and i > 0:
+        x = x + sigma * torch.randn_like(x)
+    return x
+
+  return sample
+
+
+def _torch_record(model: Any) -> dict[str, Any]:
+  """What every PyTorch run records about itself."""
+  import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+
+  from bench import torch_unet  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  return {'framework': 'torch', 'torch_version': torch.__version__,
+          'torch_threads': torch.get_num_threads(), 'torch_interop_threads': torch.get_num_interop_threads(),
+          'mkldnn_available': torch.backends.mkldnn.is_available(),
+          'num_params': torch_unet.count_params(model),
+          'load_average_1m_at_start': round(os.getloadavg()[0], 2)}
+
+
+def _fixed_images(config: ml_collections.ConfigDict, batch_size: int) -> Any:
+  """One fixed batch in [-1, 1], [B, C, H, W], as the ddpm_jax scripts use one."""
+  import numpy as np  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  c, size = config.data.num_channels, config.data.image_size
+  rng = np.random.default_rng(config.seed)
+  return torch.from_numpy(rng.uniform(-1.0, 1.0, (batch_size, c, size, size)).astype(np.float32))
+
+
 def run_torch(config: ml_collections.ConfigDict, windows: int, steps_per_window: int,
               warmup_steps: int) -> dict[str, Any]:
   """Builds the PyTorch U-Net and times its train step: the worker's record."""
-  import numpy as np  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel
 
   from bench import torch_unet  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   torch.manual_seed(config.seed)
   model = torch_unet.TorchUNet.from_config(config)
-  c, size = config.data.num_channels, config.data.image_size
-  rng = np.random.default_rng(config.seed)  # one fixed batch in [-1, 1], as train_throughput.py uses
-  images = torch.from_numpy(rng.uniform(-1.0, 1.0, (config.training.batch_size, c, size, size))
-                            .astype(np.float32))
-  step = torch_train_step(config, model, images)
-  record = {'framework': 'torch', 'torch_version': torch.__version__,
-            'torch_threads': torch.get_num_threads(), 'torch_interop_threads': torch.get_num_interop_threads(),
-            'mkldnn_available': torch.backends.mkldnn.is_available(),
-            'num_params': torch_unet.count_params(model),
-            'load_average_1m_at_start': round(os.getloadavg()[0], 2)}
+  step = torch_train_step(config, model, _fixed_images(config, config.training.batch_size))
+  record = _torch_record(model)
   start = time.perf_counter()
   for _ in range(warmup_steps):
     step()
@@ -180,6 +244,34 @@ def run_torch(config: ml_collections.ConfigDict, windows: int, steps_per_window:
   return record
 
 
+def run_torch_sampler(config: ml_collections.ConfigDict, timesteps: list[int], repeats: int) -> dict[str, Any]:
+  """Builds the PyTorch U-Net and times DDIM sampling of `sampling.batch_size` images: the worker's record."""
+  import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+
+  from bench import torch_unet  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  torch.manual_seed(config.seed)
+  model = torch_unet.TorchUNet.from_config(config)
+  sample = torch_ddim_sampler(config, model, timesteps)
+  batch_size = config.sampling.batch_size
+  noise = torch.randn(_fixed_images(config, batch_size).shape, generator=torch.Generator().manual_seed(config.seed))
+  record = _torch_record(model)
+  record['steps'] = len(timesteps)
+  with torch.inference_mode():
+    start = time.perf_counter()
+    sample(noise)  # untimed, as ddpm_jax's compile run
+    record['warmup_s'] = time.perf_counter() - start
+    seconds = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      out = sample(noise)
+      seconds.append(time.perf_counter() - start)
+  if not bool(torch.isfinite(out).all()):
+    raise FloatingPointError('PyTorch DDIM produced non-finite samples')
+  record.update({'batch_s': seconds, 'images_per_s': summary([batch_size / s for s in seconds]),
+                 'load_average_1m_at_end': round(os.getloadavg()[0], 2)})
+  return record
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The runner: one subprocess per run, alternating.
 
@@ -194,27 +286,35 @@ def _run_json(cmd: list[str], what: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def _common_args(config_path: str, overrides: list[str], batch_size: int) -> list[str]:
-  return [f'--config={config_path}', *overrides, f'--batch_size={batch_size}', f'--windows={FLAGS.windows}',
-          f'--steps_per_window={FLAGS.steps_per_window}', f'--warmup_steps={FLAGS.warmup_steps}']
+def jax_command(config_path: str, overrides: list[str], batch_size: int) -> list[str]:
+  """The ddpm_jax run of `--measure` as a user runs it (float32), less its `--out`."""
+  if FLAGS.measure == 'train':
+    return [sys.executable, THROUGHPUT_SCRIPT, f'--config={config_path}', *overrides, f'--batch_size={batch_size}',
+            f'--windows={FLAGS.windows}', f'--steps_per_window={FLAGS.steps_per_window}',
+            f'--warmup_steps={FLAGS.warmup_steps}', '--dtype=float32']
+  return [sys.executable, SAMPLE_SCRIPT, f'--config={config_path}', *overrides, f'--batch_size={batch_size}',
+          f'--methods={FLAGS.method}', f'--repeats={FLAGS.repeats}', '--num_images=1000', '--dtype=float32']
 
 
-def run_jax_side(args: list[str], out: str) -> dict[str, Any]:
-  """`bench/train_throughput.py` as a user runs it (float32): its record."""
-  cmd = [sys.executable, THROUGHPUT_SCRIPT, *args, '--dtype=float32', f'--out={out}']
-  return _run_json(cmd, 'ddpm_jax (bench/train_throughput.py)')
-
-
-def run_torch_side(args: list[str], out: str) -> dict[str, Any]:
-  """This script's --worker mode in a fresh process: its record."""
-  cmd = [sys.executable, os.path.abspath(__file__), '--worker', *args, f'--out={out}']
-  return _run_json(cmd, 'PyTorch (bench/torch_peer.py --worker)')
+def torch_command(config_path: str, overrides: list[str], batch_size: int, timesteps: list[int]) -> list[str]:
+  """This script's --worker run of `--measure` in a fresh process, less its `--out`."""
+  cmd = [sys.executable, os.path.abspath(__file__), '--worker', f'--measure={FLAGS.measure}',
+         f'--config={config_path}', *overrides, f'--batch_size={batch_size}']
+  if FLAGS.measure == 'train':
+    return cmd + [f'--windows={FLAGS.windows}', f'--steps_per_window={FLAGS.steps_per_window}',
+                  f'--warmup_steps={FLAGS.warmup_steps}']
+  return cmd + [f'--repeats={FLAGS.repeats}', '--timesteps=' + ','.join(str(t) for t in timesteps)]
 
 
 def _jax_run_summary(rec: dict[str, Any]) -> dict[str, Any]:
-  keys = ('steps_per_s', 'window_s', 'warmup_s', 'lower_s', 'compile_s', 'recompiles', 'devices',
-          'peak_memory_bytes', 'peak_memory_source')
-  out = {k: rec[k] for k in keys if k in rec}
+  """The figures of a ddpm_jax record: train_throughput.py's, or sample_throughput.py's one method."""
+  if FLAGS.measure == 'sample':
+    keys = ('images_per_s', 'batch_s', 'first_run_s', 'trace_s', 'lower_s', 'compile_s', 'recompiles')
+    out = {k: rec['methods'][0][k] for k in keys if k in rec['methods'][0]}
+  else:
+    keys = ('steps_per_s', 'window_s', 'warmup_s', 'lower_s', 'compile_s', 'recompiles')
+    out = {k: rec[k] for k in keys if k in rec}
+  out.update({k: rec[k] for k in ('devices', 'peak_memory_bytes', 'peak_memory_source') if k in rec})
   out['load_average_1m'] = [rec['machine'].get('load_average_1m_at_start'),
                             rec['machine'].get('load_average_1m_at_end')]
   return out
@@ -229,21 +329,27 @@ def network_name(config: ml_collections.ConfigDict, config_path: str) -> str:
 def markdown(record: dict[str, Any]) -> str:
   """The table (one row) and the lines saying where and with what it ran."""
   from bench import common  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  header = ['network', 'params', 'batch', 'ddpm_jax steps/s (median [range])',
-            'PyTorch steps/s (median [range])', 'ratio per pair', 'ratio median [range]']
+  rate = RATE[record['measure']]
+  unit = rate.replace('_per_s', '/s')
+  header = ['network', 'params', 'batch', f'ddpm_jax {unit} (median [range])',
+            f'PyTorch {unit} (median [range])', 'ratio per pair', 'ratio median [range]']
   per_pair = ', '.join(f'{p["ratio"]:.2f}{" (T)" if p["first"] == "torch" else " (J)"}'
                        for p in record['pairs'])
   row = [record['network'], f'{record["num_params"]:,}', str(record['batch_size']),
-         common.fmt_range(record['ddpm_jax_steps_per_s']), common.fmt_range(record['torch_steps_per_s']),
+         common.fmt_range(record[f'ddpm_jax_{rate}']), common.fmt_range(record[f'torch_{rate}']),
          per_pair, common.fmt_range(record['ratio'], '.2f')]
   m, v, t = record['machine'], record['versions'], record['threads']
   loads = [x for p in record['pairs'] for x in p['load_average_1m'] if x is not None]
+  if record['measure'] == 'train':
+    what = (f'Steps/s: the median over each run\'s windows ({record["windows"]} windows x '
+            f'{record["steps_per_window"]} train steps after {record["warmup_steps"]} warm-up steps)')
+  else:
+    what = (f'Images/s: the median over each run\'s {record["repeats"]} timed calls ({record["method"]}: '
+            f'{record["steps"]} DDIM steps, {record["batch_size"]} images a call, after one untimed call)')
   lines = [
       common.markdown_table(header, [row]), '',
-      'Steps/s: the median over each run\'s windows, then median [min–max] over the pairs; ratio = ddpm_jax / '
-      'PyTorch (above 1: ddpm_jax is faster). (J) / (T): which ran first in the pair. float32, '
-      f'{record["windows"]} windows x {record["steps_per_window"]} steps after {record["warmup_steps"]} warm-up '
-      'steps, each run in its own process.',
+      f'{what}, then median [min–max] over the pairs; ratio = ddpm_jax / PyTorch (above 1: ddpm_jax is '
+      'faster). (J) / (T): which ran first in the pair. float32, each run in its own process.',
       f'Machine: {m["cpu_model"]}, {m["cpu_count"]} CPUs ({t["schedulable_cores"]} schedulable); '
       f'load average (1 min) during the runs {min(loads, default=0):.2f}–{max(loads, default=0):.2f}.',
       f'Versions: jax {v["jax"]} (jaxlib {v["jaxlib"]}, flax {v["flax"]}, optax {v["optax"]}), '
@@ -264,12 +370,18 @@ def run_pairs(config: ml_collections.ConfigDict, config_path: str, overrides: li
   import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel
 
   from bench import common, torch_unet  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  from ddpm_jax import models  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from ddpm_jax import diffusion, models  # pylint: disable=g-import-not-at-top,import-outside-toplevel
 
   check_supported(config)  # before anything runs
-  if FLAGS.pairs < 1 or FLAGS.windows < 1 or FLAGS.steps_per_window < 1 or FLAGS.warmup_steps < 1:
-    raise app.UsageError('--pairs, --windows, --steps_per_window and --warmup_steps must be >= 1')
-  batch_size = config.training.batch_size
+  if min(FLAGS.pairs, FLAGS.windows, FLAGS.steps_per_window, FLAGS.warmup_steps, FLAGS.repeats) < 1:
+    raise app.UsageError('--pairs, --windows, --steps_per_window, --warmup_steps and --repeats must be >= 1')
+  measure, rate = FLAGS.measure, RATE[FLAGS.measure]
+  timesteps = []
+  if measure == 'sample':
+    if not re.fullmatch(r'ddim[1-9]\d*', FLAGS.method):
+      raise app.UsageError(f'--method={FLAGS.method!r}: the sampling peer runs DDIM only: ddimK, e.g. ddim100')
+    timesteps = [int(t) for t in diffusion.space_timesteps(config.diffusion.num_timesteps, FLAGS.method)]
+  batch_size = config.training.batch_size if measure == 'train' else config.sampling.batch_size
   num_params = models.count_params(models.param_shapes(config))
   torch_params = torch_unet.count_params(torch_unet.TorchUNet.from_config(config))
   if torch_params != num_params:  # not the same network: a ratio would mean nothing
@@ -278,12 +390,21 @@ def run_pairs(config: ml_collections.ConfigDict, config_path: str, overrides: li
   record = common.run_metadata(config_path)
   record['versions']['torch'] = torch.__version__
   record.update({'benchmark': 'torch_peer', 'network': network_name(config, config_path),
-                 'batch_size': batch_size, 'dtype': 'float32', 'num_params': num_params,
-                 'pairs_requested': FLAGS.pairs, 'windows': FLAGS.windows,
-                 'steps_per_window': FLAGS.steps_per_window, 'warmup_steps': FLAGS.warmup_steps})
-  if FLAGS.windows < MIN_WINDOWS:
-    record['note'] = f'smoke run: {FLAGS.windows} < {MIN_WINDOWS} windows'
-  args = _common_args(config_path, overrides, batch_size)
+                 'measure': measure, 'batch_size': batch_size, 'dtype': 'float32', 'num_params': num_params,
+                 'pairs_requested': FLAGS.pairs})
+  if measure == 'train':
+    record.update({'windows': FLAGS.windows, 'steps_per_window': FLAGS.steps_per_window,
+                   'warmup_steps': FLAGS.warmup_steps})
+    if FLAGS.windows < MIN_WINDOWS:
+      record['note'] = f'smoke run: {FLAGS.windows} < {MIN_WINDOWS} windows'
+  else:
+    record.update({'method': FLAGS.method, 'steps': len(timesteps), 'repeats': FLAGS.repeats})
+    if FLAGS.repeats < MIN_REPEATS:
+      record['note'] = f'smoke run: {FLAGS.repeats} < {MIN_REPEATS} repeats'
+  commands = {'ddpm_jax': (jax_command(config_path, overrides, batch_size), 'ddpm_jax (bench/'
+                           + os.path.basename(THROUGHPUT_SCRIPT if measure == 'train' else SAMPLE_SCRIPT) + ')'),
+              'torch': (torch_command(config_path, overrides, batch_size, timesteps),
+                        'PyTorch (bench/torch_peer.py --worker)')}
   pairs = []
   with tempfile.TemporaryDirectory(prefix='torch_peer_') as tmp:
     for i in range(FLAGS.pairs):
@@ -292,21 +413,23 @@ def run_pairs(config: ml_collections.ConfigDict, config_path: str, overrides: li
       for side in order:
         out = os.path.join(tmp, f'{side}_{i}.json')
         print(f'pair {i + 1}/{FLAGS.pairs}: {side} ...', file=sys.stderr, flush=True)
-        runs[side] = run_jax_side(args, out) if side == 'ddpm_jax' else run_torch_side(args, out)
+        cmd, what = commands[side]
+        runs[side] = _run_json([*cmd, f'--out={out}'], what)
       jax_rec, torch_rec = runs['ddpm_jax'], runs['torch']
+      jax_run = _jax_run_summary(jax_rec)
       for name, count in (('ddpm_jax', jax_rec['num_params']), ('PyTorch', torch_rec['num_params'])):
         if count != num_params:
           raise AssertionError(f'{name} run has {count:,} parameters, expected {num_params:,}')
-      ratio = jax_rec['steps_per_s']['median'] / torch_rec['steps_per_s']['median']
-      pairs.append({'first': order[0], 'ratio': ratio, 'ddpm_jax': _jax_run_summary(jax_rec),
+      ratio = jax_run[rate]['median'] / torch_rec[rate]['median']
+      pairs.append({'first': order[0], 'ratio': ratio, 'ddpm_jax': jax_run,
                     'torch': torch_rec,
                     'load_average_1m': [jax_rec['machine'].get('load_average_1m_at_start'),
                                         jax_rec['machine'].get('load_average_1m_at_end'),
                                         torch_rec['load_average_1m_at_start'],
                                         torch_rec['load_average_1m_at_end']]})
   record['pairs'] = pairs
-  record['ddpm_jax_steps_per_s'] = summary([p['ddpm_jax']['steps_per_s']['median'] for p in pairs])
-  record['torch_steps_per_s'] = summary([p['torch']['steps_per_s']['median'] for p in pairs])
+  record[f'ddpm_jax_{rate}'] = summary([p['ddpm_jax'][rate]['median'] for p in pairs])
+  record[f'torch_{rate}'] = summary([p['torch'][rate]['median'] for p in pairs])
   record['ratio'] = summary([p['ratio'] for p in pairs])
   devices = pairs[0]['ddpm_jax'].get('devices', {})
   record['threads'] = {
@@ -343,9 +466,15 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = FLAGS.config
   if FLAGS.batch_size is not None:
-    config.training.batch_size = FLAGS.batch_size
+    if FLAGS.measure == 'train':
+      config.training.batch_size = FLAGS.batch_size
+    else:
+      config.sampling.batch_size = FLAGS.batch_size
   if FLAGS.worker:
-    record = run_torch(config, FLAGS.windows, FLAGS.steps_per_window, FLAGS.warmup_steps)
+    if FLAGS.measure == 'train':
+      record = run_torch(config, FLAGS.windows, FLAGS.steps_per_window, FLAGS.warmup_steps)
+    else:
+      record = run_torch_sampler(config, [int(t) for t in FLAGS.timesteps], FLAGS.repeats)
     with open(FLAGS.out, 'w') as f:
       json.dump(record, f, indent=2, allow_nan=False)
     return

@@ -319,10 +319,10 @@ def _torch_name(path: tuple[str, ...], num_levels: int) -> str:
   return '.'.join(scopes + [leaf])
 
 
-def test_torch_unet_computes_the_function_of_ddpm_jax():
-  """Same weights in, same eps out: the peer times ddpm_jax's network, not one with the same count only.
+def _twin_networks(config: Any) -> tuple[Any, Any, Any]:
+  """(ddpm_jax model, its params, the PyTorch U-Net in eval mode holding the same weights).
 
-  Random values everywhere (the zero-initialised layers would hide most of the network); dropout off.
+  Random values everywhere (the zero-initialised layers would hide most of the network).
   """
   torch = pytest.importorskip('torch')
   import jax  # pylint: disable=g-import-not-at-top
@@ -330,8 +330,6 @@ def test_torch_unet_computes_the_function_of_ddpm_jax():
 
   from bench import torch_unet  # pylint: disable=g-import-not-at-top
   from ddpm_jax import models  # pylint: disable=g-import-not-at-top
-  config = _config('tiny')
-  config.model.attn_resolutions = (8, 4)  # attention on both levels, and the middle one
   model = models.create_model(config)
   shapes = models.param_shapes(config)
   rng = np.random.default_rng(0)
@@ -351,12 +349,57 @@ def test_torch_unet_computes_the_function_of_ddpm_jax():
     loaded[name] = torch.from_numpy(np.ascontiguousarray(value))
   assert set(loaded) == set(state)  # every PyTorch parameter set, once
   net.load_state_dict(loaded)
+  return model, params, net
+
+
+def test_torch_unet_computes_the_function_of_ddpm_jax():
+  """Same weights in, same eps out: the peer times ddpm_jax's network, not one with the same count only.
+
+  Dropout off (eval mode).
+  """
+  torch = pytest.importorskip('torch')
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  config = _config('tiny')
+  config.model.attn_resolutions = (8, 4)  # attention on both levels, and the middle one
+  model, params, net = _twin_networks(config)
+  rng = np.random.default_rng(1)
   x = rng.uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)
   t = np.array([0, 7, 19], np.int32)
   want = np.asarray(model.apply({'params': params}, x, t, train=False))
   with torch.no_grad():
     got = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t).long()).numpy()
   np.testing.assert_allclose(got.transpose(0, 2, 3, 1), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_torch_ddim_sampler_computes_the_samples_of_ddpm_jax():
+  """The sampling peer runs ddpm_jax's DDIM chain: same weights and x_T, same respaced steps, same x_0.
+
+  eta = 0 (the digits recipe's and the peer's default): with eta > 0 the frameworks draw their own noise.
+  """
+  torch = pytest.importorskip('torch')
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from bench import torch_peer  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import diffusion  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.sampling import loop, sample_fn  # pylint: disable=g-import-not-at-top
+  config = _config('tiny')
+  config.model.attn_resolutions = (8, 4)
+  config.sampling.method, config.sampling.timestep_respacing = 'ddim', 'ddim5'
+  config.sampling.ddim_eta = 0.0
+  model, params, net = _twin_networks(config)
+  timesteps = [int(t) for t in diffusion.space_timesteps(config.diffusion.num_timesteps, 'ddim5')]
+  assert timesteps == [0, 4, 8, 12, 16]  # iDDPM's "ddimK": range(0, T, T // K)
+  x_t = np.random.default_rng(2).standard_normal((4, 8, 8, 1)).astype(np.float32)
+  step = sample_fn.step_fn_from_config(config, sample_fn.sampling_coefficients(config),
+                                       sample_fn.make_model_fn(model, params))
+  want, _ = loop.sample_loop(step, None, x_t.shape, len(timesteps), jnp.float32, noise=jnp.asarray(x_t),
+                             step_noise=lambda t: jnp.zeros_like(x_t))
+  with torch.inference_mode():
+    got = torch_peer.torch_ddim_sampler(config, net, timesteps)(torch.from_numpy(x_t.transpose(0, 3, 1, 2).copy()))
+  want = np.asarray(want)
+  assert np.abs(want).max() > 0.1  # the network's output moved the samples: a comparison that can fail
+  np.testing.assert_allclose(got.numpy().transpose(0, 2, 3, 1), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -377,3 +420,31 @@ def test_torch_peer_one_pair_on_tiny(tmp_path):
   assert record['versions']['torch'] and record['threads']['torch_intra_op'] >= 1
   (row,) = _printed_rows(stdout)
   assert row[1] == '701,345' and row[2] == '8' and common.fmt_range(record['ratio'], '.2f') == row[-1], row
+
+
+@pytest.mark.slow
+def test_torch_peer_sampling_one_pair_on_tiny(tmp_path):
+  pytest.importorskip('torch')
+  record, stdout = _run('torch_peer.py', ['--measure=sample', '--method=ddim3', '--pairs=1', '--repeats=2',
+                                          '--batch_size=8'], str(tmp_path / 'peer.json'))
+  assert record['measure'] == 'sample' and record['method'] == 'ddim3' and record['steps'] == 3
+  assert record['batch_size'] == 8 and record['num_params'] == 701_345
+  (pair,) = record['pairs']
+  assert pair['ddpm_jax']['batch_s']['median'] > 0 and len(pair['torch']['batch_s']) == 2
+  assert pair['torch']['steps'] == 3 and pair['ddpm_jax']['recompiles'] == 0
+  _check_summary(record['ratio'])
+  assert math.isclose(record['ratio']['median'], record['ddpm_jax_images_per_s']['median']
+                      / record['torch_images_per_s']['median'])
+  (row,) = _printed_rows(stdout)
+  assert row[2] == '8' and common.fmt_range(record['ratio'], '.2f') == row[-1], row
+  assert 'Images/s: the median over each run\'s 2 timed calls (ddim3: 3 DDIM steps' in stdout
+
+
+def test_torch_peer_sampling_refuses_a_sampler_it_does_not_run(tmp_path):
+  pytest.importorskip('torch')
+  proc = subprocess.run([sys.executable, 'bench/torch_peer.py', *TINY, '--measure=sample', '--method=ddpm',
+                         f'--out={tmp_path / "peer.json"}'], capture_output=True, text=True, cwd=REPO_ROOT,
+                        timeout=300, check=False)
+  assert proc.returncode != 0
+  assert "--method='ddpm': the sampling peer runs DDIM only: ddimK, e.g. ddim100" in proc.stderr
+  assert not (tmp_path / 'peer.json').exists()
