@@ -252,8 +252,8 @@ def run_torch_sampler(config: ml_collections.ConfigDict, timesteps: list[int], r
   torch.manual_seed(config.seed)
   model = torch_unet.TorchUNet.from_config(config)
   sample = torch_ddim_sampler(config, model, timesteps)
-  batch_size = config.sampling.batch_size
-  noise = torch.randn(_fixed_images(config, batch_size).shape, generator=torch.Generator().manual_seed(config.seed))
+  batch_size, c, size = config.sampling.batch_size, config.data.num_channels, config.data.image_size
+  noise = torch.randn((batch_size, c, size, size), generator=torch.Generator().manual_seed(config.seed))  # x_T
   record = _torch_record(model)
   record['steps'] = len(timesteps)
   with torch.inference_mode():
