@@ -103,6 +103,15 @@ def config_overrides(argv: list[str]) -> list[str]:
 # The PyTorch side (--worker): imports torch, never jax.
 
 
+def linear_alphas_cumprod(config: ml_collections.ConfigDict) -> Any:
+  """alpha-bar_t of DDPM's linear schedule, a float64 tensor [T], computed as ddpm_jax.diffusion.schedules
+  does it (np.linspace, then the cumulative product)."""
+  import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  d = config.diffusion
+  betas = torch.linspace(d.beta_start, d.beta_end, d.num_timesteps, dtype=torch.float64)
+  return torch.cumprod(1.0 - betas, dim=0)
+
+
 def torch_train_step(config: ml_collections.ConfigDict, model: Any, images: Any) -> Any:
   """DDPM's train step in PyTorch, as `ddpm_jax.train.step` computes it for the 'eps' / 'mse' loss.
 
@@ -112,9 +121,7 @@ def torch_train_step(config: ml_collections.ConfigDict, model: Any, images: Any)
 
   d, o = config.diffusion, config.optim
   check_supported(config)
-  # DDPM's linear schedule, computed in float64 as ddpm_jax.diffusion.schedules does (np.linspace).
-  betas = torch.linspace(d.beta_start, d.beta_end, d.num_timesteps, dtype=torch.float64)
-  alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+  alphas_cumprod = linear_alphas_cumprod(config)
   sqrt_abar = alphas_cumprod.sqrt().float()
   sqrt_one_minus_abar = (1.0 - alphas_cumprod).sqrt().float()
   params = list(model.parameters())
@@ -170,10 +177,9 @@ def torch_ddim_sampler(config: ml_collections.ConfigDict, model: Any, timesteps:
   """
   import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel
 
-  d, s = config.diffusion, config.sampling
+  s = config.sampling
   check_supported(config)
-  betas = torch.linspace(d.beta_start, d.beta_end, d.num_timesteps, dtype=torch.float64)
-  abar_all = torch.cumprod(1.0 - betas, dim=0)
+  abar_all = linear_alphas_cumprod(config)
   abar = [float(abar_all[t]) for t in timesteps]
   abar_prev = [1.0] + abar[:-1]
   model.eval()
