@@ -76,6 +76,7 @@ def test_train_throughput_tiny(tmp_path):
   assert common.fmt(record['images_per_s']['median']) in row and row[-1] == '0', row
 
 
+@pytest.mark.slow  # ~40-50 s on 2 cores
 def test_train_ab_alternates_variants_and_reports_per_round_ratios(tmp_path):
   """bench/train_ab.py: every variant built from its overrides, timed in every round, its per-round ratio
   to the first; a field the config lacks is an error naming it."""

@@ -131,6 +131,7 @@ def _run(tmp_path, name, steps, **overrides):
   return config, jobs.run('train', config, str(tmp_path / name))
 
 
+@pytest.mark.slow  # ~40-50 s on 2 cores
 def test_resume_is_bit_exact(tmp_path):
   _, straight = _run(tmp_path, 'straight', 6)
   _run(tmp_path, 'resumed', 3)
@@ -477,6 +478,7 @@ def test_training_loop_keeps_at_most_max_steps_in_flight(tmp_path, monkeypatch):
   assert 1 <= train_job.MAX_STEPS_IN_FLIGHT <= 8
 
 
+@pytest.mark.slow  # ~40-50 s on 2 cores
 def test_cpu_train_convolutions_pick_the_kernels_and_agree():
   """runtime.cpu_train_convolutions (issue #16): 'xla' compiles the train step with XLA's own convolutions
   (YNNPACK's are the CPU default, and their weight gradients at 16x16 and up are slow on an Intel Xeon),
