@@ -181,9 +181,15 @@ def peak_memory() -> dict[str, Any]:
           'peak_memory_source': 'process max RSS (device memory_stats unavailable; includes host code)'}
 
 
-def compiled_flops(compiled: Any) -> float | None:
-  """Total `flops` from XLA's cost analysis of a compiled executable (None if the backend gives none)."""
-  analysis = compiled.cost_analysis()
+def lowered_flops(lowered: Any) -> float | None:
+  """Total `flops` from XLA's cost analysis of a lowered program (None if the backend gives none).
+
+  The program as lowered, before the backend's passes, not the compiled executable: on a GPU the
+  executable's convolutions are cuDNN custom calls that the analysis does not count (the digits train step
+  came to 0.81 GFLOP instead of 5.1 on an H200, BENCHMARKS.md), while the lowered program counts every
+  convolution and dot the same way on every platform.
+  """
+  analysis = lowered.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per partition
     analysis = analysis[0] if analysis else None
   if not analysis or 'flops' not in analysis:

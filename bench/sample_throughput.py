@@ -14,7 +14,7 @@ and min/max of `--repeats` timed runs (each ends with `block_until_ready` and ru
 samples would take at the measured rate (an extrapolation). `--ancestral_timesteps=N` runs the
 ancestral chain with T = N instead of the config's T and scales the time by T / N: every ancestral step
 costs one network evaluation and the same update, whatever T is (say so when you report it). Achieved
-TFLOP/s count the network's forward FLOPs (XLA cost analysis of the compiled forward pass) times the
+TFLOP/s count the network's forward FLOPs (XLA cost analysis of the forward pass as lowered) times the
 steps.
 """
 
@@ -80,12 +80,12 @@ def method_config(config: ml_collections.ConfigDict, method: str,
 
 def forward_flops_per_image(model: Any, params: Any, config: ml_collections.ConfigDict,
                             batch_size: int) -> float | None:
-  """The network's forward FLOPs per image: XLA cost analysis of the compiled eval-mode forward pass."""
+  """The network's forward FLOPs per image: XLA cost analysis of the eval-mode forward pass as lowered."""
   size, channels = config.data.image_size, config.data.num_channels
   x = jnp.zeros((batch_size, size, size, channels), jnp.float32)
   t = jnp.zeros((batch_size,), jnp.int32)
   forward = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False))
-  flops = common.compiled_flops(forward.lower(params, x, t).compile())
+  flops = common.lowered_flops(forward.lower(params, x, t))
   return None if flops is None else flops / batch_size
 
 
@@ -163,7 +163,7 @@ def benchmark(config: ml_collections.ConfigDict, methods: list[str], batch_size:
                             num_devices))
     results.append(entry)
   out = {'num_params': models.count_params(inputs['params']), 'forward_flops_per_image': flops,
-         'forward_flops_source': 'XLA cost_analysis of the compiled forward pass (train=False)',
+         'forward_flops_source': 'XLA cost_analysis of the forward pass (train=False) as lowered',
          'params_note': 'random-weight parameters: the work per step does not depend on the weights',
          'methods': results}
   out.update(common.peak_memory())
@@ -199,6 +199,8 @@ def main(argv: list[str]) -> None:
   config = FLAGS.config
   dtype = common.apply_dtype(config, FLAGS.dtype)
   batch_size = config.sampling.batch_size = FLAGS.batch_size or config.sampling.batch_size
+  if config.sampling.samples_per_shard % batch_size:  # the benchmark writes no shards: any batch will do
+    config.sampling.samples_per_shard = batch_size
   runtime = common.configure_runtime(config)
   record = common.run_metadata(common.config_name(FLAGS))
   record['runtime'] = runtime

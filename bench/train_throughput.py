@@ -10,7 +10,7 @@ critical path).
 
 Reported: trace / lower / XLA-compile times of the step (ahead of time, separately); steps/s and images/s
 (median and min/max over `--windows` windows after `--warmup_steps` steps, each window ending with
-`block_until_ready` on the state); FLOPs per step from XLA's cost analysis of the compiled step; achieved
+`block_until_ready` on the state); FLOPs per step from XLA's cost analysis of the step as lowered; achieved
 TFLOP/s and model FLOP utilisation against the device's peak; peak memory; and two checks of the timed
 loop: `recompiles` (XLA compilations inside the windows, and the jit cache size, which must stay 1) and no
 host transfer per step: the loop fetches nothing (metrics are dropped) and runs under
@@ -41,7 +41,7 @@ from ddpm_jax import diffusion, models, parallel, runtime  # pylint: disable=g-i
 from ddpm_jax.config import validate_config  # pylint: disable=g-import-not-at-top
 from ddpm_jax.streams import INIT_STREAM, TRAIN_STREAM, stream_key  # pylint: disable=g-import-not-at-top
 from ddpm_jax.train.state import jit_create_train_state  # pylint: disable=g-import-not-at-top
-from ddpm_jax.train.step import jit_train_step  # pylint: disable=g-import-not-at-top
+from ddpm_jax.train.step import jit_train_step, make_train_step  # pylint: disable=g-import-not-at-top
 
 common.define_common_flags(flags)
 flags.DEFINE_integer('windows', 5, 'Timed windows (>= 5 for a benchmark; fewer is a smoke run).')
@@ -59,15 +59,27 @@ def setup(config: ml_collections.ConfigDict, mesh: Any) -> dict[str, Any]:
   """The jitted step (as the training loop builds it) and its device-resident inputs."""
   repl = parallel.replicated_sharding(mesh)
   model = models.create_model(config)
-  step = jit_train_step(model, diffusion.coefficients_from_config(config.diffusion), mesh,
-                        config.runtime.gradient_all_reduce,
-                        runtime.train_convolutions(config))
+  coefs = diffusion.coefficients_from_config(config.diffusion)
+  step = jit_train_step(model, coefs, mesh, config.runtime.gradient_all_reduce, runtime.train_convolutions(config))
   state = jit_create_train_state(config, mesh)(stream_key(config, INIT_STREAM))
   c, size = config.data.num_channels, config.data.image_size
   rng = np.random.default_rng(config.seed)
   batch = rng.uniform(-1.0, 1.0, (config.training.batch_size, size, size, c)).astype(np.float32)
   return {'step': step, 'state': state, 'batch': parallel.shard_batch(batch, mesh),
-          'key': jax.device_put(stream_key(config, TRAIN_STREAM), repl)}
+          'key': jax.device_put(stream_key(config, TRAIN_STREAM), repl),
+          'global_step': make_train_step(model, coefs)}
+
+
+def step_flops(setup_: dict[str, Any]) -> float | None:
+  """FLOPs of one train step over the global batch: XLA's cost analysis of the step as lowered.
+
+  Of the plain step (`make_train_step`), jitted with no shardings: the program the analysis reads is then
+  the whole batch's on any mesh (the flat gradient all-reduce would put the per-device part in a
+  `shard_map`, which the analysis counts once), and it is read before the backend's passes
+  (`common.lowered_flops`). Lowering only: nothing is compiled.
+  """
+  lowered = jax.jit(setup_['global_step']).lower(setup_['state'], setup_['batch'], setup_['key'])
+  return common.lowered_flops(lowered)
 
 
 def compile_step(setup_: dict[str, Any], events: common.CompileEvents) -> dict[str, Any]:
@@ -80,8 +92,7 @@ def compile_step(setup_: dict[str, Any], events: common.CompileEvents) -> dict[s
   compiled_at = time.perf_counter()
   memory = compiled.memory_analysis()
   out = {'lower_s': lowered_at - start, 'compile_s': compiled_at - lowered_at,
-         'trace_s': events.durations_since(mark)['trace_s'],
-         'flops_per_step_per_device': common.compiled_flops(compiled)}
+         'trace_s': events.durations_since(mark)['trace_s']}
   if memory is not None:
     out['compiled_memory_bytes'] = {
         'arguments': int(memory.argument_size_in_bytes), 'outputs': int(memory.output_size_in_bytes),
@@ -117,15 +128,15 @@ def timed_windows(setup_: dict[str, Any], windows: int, steps_per_window: int) -
 
 
 def figures(seconds: list[float], steps_per_window: int, batch_size: int,
-            flops_per_step_per_device: float | None, dtype: str, num_devices: int) -> dict[str, Any]:
-  """Rates over the windows, FLOPs (per device × devices), achieved TFLOP/s and MFU."""
+            flops_per_step: float | None, dtype: str, num_devices: int) -> dict[str, Any]:
+  """Rates over the windows, FLOPs, achieved TFLOP/s and MFU."""
   steps_per_s = [steps_per_window / s for s in seconds]
   out = {'window_s': seconds, 'steps_per_s': common.summary(steps_per_s),
          'images_per_s': common.summary([batch_size * r for r in steps_per_s]),
          'flops_per_step': None, 'flops_per_image': None, 'achieved_tflops': None}
   achieved = None
-  if flops_per_step_per_device is not None:
-    out['flops_per_step'] = flops_per_step_per_device * num_devices
+  if flops_per_step is not None:
+    out['flops_per_step'] = flops_per_step
     out['flops_per_image'] = out['flops_per_step'] / batch_size
     achieved = out['flops_per_step'] * out['steps_per_s']['median']
     out['achieved_tflops'] = achieved / 1e12
@@ -145,6 +156,7 @@ def benchmark(config: ml_collections.ConfigDict, windows: int, steps_per_window:
   setup_ = setup(config, mesh)
   result = {'num_params': models.count_params(setup_['state'].params)}
   result.update(compile_step(setup_, events))
+  result['flops_source'] = 'XLA cost_analysis of the global train step as lowered'
   start = time.perf_counter()
   run_steps(setup_, warmup_steps)
   result['warmup_s'] = time.perf_counter() - start
@@ -161,7 +173,7 @@ def benchmark(config: ml_collections.ConfigDict, windows: int, steps_per_window:
   if steps_done != warmup_steps + windows * steps_per_window + profiled:
     raise AssertionError(f'state.step={steps_done}: not every dispatched step ran')
   result.update(figures(seconds, steps_per_window, config.training.batch_size,
-                        result['flops_per_step_per_device'], config.model.dtype, num_devices))
+                        step_flops(setup_), config.model.dtype, num_devices))
   result.update(common.peak_memory())
   return result
 
