@@ -108,10 +108,10 @@ def flops_on_cpu(config: ml_collections.ConfigDict, what: str) -> float:
   cpu = jax.local_devices(backend='cpu')[0]
   config = copy.deepcopy(config)
   config.model.attn_implementation = None
-  analysis = lowered_function(config, what, parallel.create_mesh([cpu])).cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0]
-  return float(analysis['flops'])
+  flops = common.lowered_flops(lowered_function(config, what, parallel.create_mesh([cpu])))
+  if flops is None:
+    raise RuntimeError(f'XLA gave no FLOP count for {what!r}')
+  return flops
 
 
 def report(config: ml_collections.ConfigDict, what: str, target: str, top: int) -> dict[str, Any]:
