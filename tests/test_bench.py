@@ -140,6 +140,31 @@ def test_train_ab_alternates_variants_and_reports_per_round_ratios(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_targets_script_runs_every_figure_and_reports_the_one_that_fails(tmp_path):
+  """bench/gpu_targets.sh, shrunk to configs/tiny.py: every figure runs in its own process and writes its
+  record; a figure that fails (DDIM-100 on T=20) is named with the end of its log, and the rest still run."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS=TEST_XLA_FLAGS,
+             PYTHON=sys.executable, CONFIG='configs/tiny.py', TRAIN_BATCH='8', SAMPLE_BATCH='6', WINDOWS='1',
+             STEPS='1', WARMUP='1', REPEATS='1', ANCESTRAL_T='4', METHODS='ddim5,respaced5',
+             FP32_METHODS='ddim100', LIMIT_S='300')
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  proc = subprocess.run(['bash', 'bench/gpu_targets.sh', str(tmp_path)], capture_output=True, text=True,
+                        cwd=REPO_ROOT, env=env, timeout=900, check=False)
+  assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert '### sample_fp32 FAILED' in proc.stdout and 'cannot take exactly 100 steps' in proc.stdout
+  assert '### 1 of 5 figures failed' in proc.stdout
+  for name, benchmark in (('train_bf16', 'train_throughput'), ('sample_bf16', 'sample_throughput'),
+                          ('train_fp32', 'train_throughput'), ('ancestral_bf16', 'sample_throughput')):
+    with open(tmp_path / f'{name}.json') as f:
+      record = json.load(f)
+    assert record['benchmark'] == benchmark and record['config'] == 'configs/tiny.py', name
+    assert record['dtype'] == ('float32' if 'fp32' in name else 'bfloat16'), name
+  assert not (tmp_path / 'sample_fp32.json').exists()
+  # Each figure's rows are printed: one per train run, one per sampler.
+  assert sum(line.startswith('| configs/tiny.py |') for line in proc.stdout.splitlines()) == 5, proc.stdout
+
+
+@pytest.mark.slow
 def test_sample_throughput_tiny(tmp_path):
   # --batch_size=6 does not divide configs/tiny.py's sampling.samples_per_shard=8, which the benchmark
   # (it writes no shards) must not refuse: `--batch_size=1000` failed so for configs/cifar10.py on an H200.
