@@ -1,5 +1,5 @@
-"""Shared test set-up: CPU only, the fixtures and helpers several test modules use, and a helper to run
-code under 8 simulated CPU devices in a subprocess.
+"""Shared test set-up: CPU unless JAX_PLATFORMS says otherwise, the fixtures and helpers several test
+modules use, and a helper to run code under 8 simulated CPU devices in a subprocess.
 
 The float64 references of the diffusion maths are in tests/references.py. Heavy imports (jax, ddpm_jax)
 happen inside the helpers, so that collecting a test module costs only what that module imports.
@@ -17,6 +17,11 @@ import numpy as np
 import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The suite on a GPU or TPU (JAX_PLATFORMS=cuda,cpu: the CPU stays for jax.debug.callback and the CPU-kernel
+# tests): its tolerances are float32's, checked against float64 references, so matmuls and convolutions run
+# at full float32 there rather than TF32 / bfloat16 passes, JAX's default on those chips (README, "Tests").
+if os.environ['JAX_PLATFORMS'] != 'cpu':
+  os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # One CPU device per test process (xdist already runs one worker per core), inherited by the main.py
 # subprocesses: ddpm_jax's own split of the cores (runtime.configure_runtime) leaves a set count alone.
@@ -80,6 +85,15 @@ def randomize(params, seed: int, scale: float = 0.05):
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map(
       lambda p: np.asarray(p + scale * rng.standard_normal(p.shape), np.float32), params)
+
+
+def cpu_mesh():
+  """A mesh of the CPU devices: the CPU-kernel choices (parallel.cpu_compiler_options) apply to it on
+  any machine, the default backend a GPU or not."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from ddpm_jax import parallel  # pylint: disable=import-outside-toplevel
+  return parallel.create_mesh(jax.devices('cpu'))
 
 
 def ops_by_library(hlo: str, opcode: str) -> tuple[int, int]:

@@ -211,8 +211,10 @@ def test_edge_bins_in_the_tail_keep_relative_precision():
   # log p ~ -19.5 and -15.8: masses below float32's ulp(1), where 1 - Phi and 1 + tanh round off.
   assert np.all((want > LOG_FLOOR) & (want < -15.0)), want
   np.testing.assert_allclose(np.asarray(library_float32(x, means, log_scales)), want, rtol=RTOL)
-  # The original formula: -27.63 (the floor) for the first pair in XLA, -15.94 for the second.
-  assert np.all(np.abs(np.asarray(original_float32(x, means, log_scales)) - want) > 0.1)
+  # The original formula: -27.63 (the floor) for the first pair in XLA:CPU, -15.94 for the second; an H200's
+  # tanh comes nearer on one (0.078 off) but still misses by thousands of tolerances.
+  original = np.asarray(original_float32(x, means, log_scales))
+  assert np.all(errors(original, want) > 1000 * RTOL), (original, want)
 
 
 def test_gradients_are_finite():

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, TEST_XLA_FLAGS, ops_by_library, random_params, run_with_devices, tiny_config
+from conftest import REPO_ROOT, TEST_XLA_FLAGS, cpu_mesh, ops_by_library, random_params, run_with_devices, tiny_config
 from ddpm_jax import diffusion, models, parallel, sampling
 from ddpm_jax.sampling import loop
 
@@ -251,7 +251,7 @@ def test_cpu_sample_reductions_pick_the_kernels_and_agree(unet_params):
   rounding; a bad value is a config error."""
   config, params = tiny_config(), unet_params
   assert config.runtime.cpu_sample_reductions == 'xla'
-  mesh, model = parallel.create_mesh(), models.create_model(config)
+  mesh, model = cpu_mesh(), models.create_model(config)
   args = (parallel.replicate(params, mesh), jax.random.key(3), jnp.arange(4))
   out = {}
   for kernels in ('ynnpack', 'xla'):

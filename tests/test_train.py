@@ -17,7 +17,7 @@ import pytest
 from hypothesis import strategies as st
 
 from configs import tiny
-from conftest import REPO_ROOT, ops_by_library, run_with_devices
+from conftest import REPO_ROOT, cpu_mesh, ops_by_library, run_with_devices
 from ddpm_jax import checkpoints, data, diffusion, jobs, models, parallel, runtime
 from ddpm_jax.jobs import train as train_job
 from ddpm_jax.train import state as state_lib
@@ -420,7 +420,7 @@ def test_initial_state_compiles_as_a_run_once_program_and_is_bit_identical(monke
   """`jit_create_train_state` compiles the init without LLVM's optimisations on a CPU (it runs once):
   the state is bit for bit the one the optimised program makes. A level in the user's XLA_FLAGS wins."""
   config = tiny.get_config()
-  mesh = parallel.create_mesh()
+  mesh = cpu_mesh()
   monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=3')
   assert parallel.run_once_compiler_options(mesh) == {}
   # (the suite's own XLA_FLAGS set level 0 for every program: without them ddpm_jax sets it for this one)
@@ -428,8 +428,9 @@ def test_initial_state_compiles_as_a_run_once_program_and_is_bit_identical(monke
   assert parallel.run_once_compiler_options(mesh) == {'xla_backend_optimization_level': 0}
   key = jax.random.key(7)
   fast = state_lib.jit_create_train_state(config, mesh)(key)
-  optimised = jax.jit(lambda k: state_lib.create_train_state(config, k),
-                      compiler_options={'xla_backend_optimization_level': 3})(key)
+  with jax.default_device(mesh.devices.flat[0]):
+    optimised = jax.jit(lambda k: state_lib.create_train_state(config, k),
+                        compiler_options={'xla_backend_optimization_level': 3})(key)
   paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(fast)]
   assert paths == [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(optimised)]
   for a, b in zip(_leaves(fast), _leaves(optimised), strict=True):
@@ -490,7 +491,7 @@ def test_cpu_train_convolutions_pick_the_kernels_and_agree():
   config.runtime.cpu_train_convolutions = 'ynnpack'
   assert runtime.train_convolutions(config) == 'ynnpack'
   assert runtime.train_convolutions(tiny.get_config()) == 'ynnpack'  # 8x8: 'auto' keeps YNNPACK's
-  mesh = parallel.create_mesh()
+  mesh = cpu_mesh()
   model, coefs = models.create_model(config), diffusion.coefficients_from_config(config.diffusion)
   batch = np.random.default_rng(0).uniform(-1, 1, (config.training.batch_size, 16, 16, 1)).astype(np.float32)
   out = {}
@@ -520,7 +521,7 @@ def test_cpu_train_convolutions_pick_the_kernels_and_agree():
 
 def test_the_users_xla_flags_choose_the_cpu_kernels_over_ddpm_jax(monkeypatch):
   """XLA_FLAGS that set YNNPACK's fusions themselves win: ddpm_jax then passes no option of its own."""
-  mesh = parallel.create_mesh()
+  mesh = cpu_mesh()
   assert parallel.cpu_compiler_options(mesh, convolutions='xla') == {
       'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
   assert parallel.cpu_compiler_options(mesh, reductions='xla') == {
@@ -529,3 +530,15 @@ def test_the_users_xla_flags_choose_the_cpu_kernels_over_ddpm_jax(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=')
   assert parallel.cpu_compiler_options(mesh, convolutions='xla') == {}
   assert parallel.cpu_compiler_options(mesh, reductions='xla') == {}
+
+
+def test_programs_on_an_accelerator_get_no_cpu_compiler_option():
+  """On a GPU / TPU mesh ddpm_jax passes none of XLA:CPU's options: XLA would reject them there."""
+  accelerators = [d for d in jax.devices() if d.platform != 'cpu']
+  if not accelerators:
+    pytest.skip('no GPU / TPU here (run the suite with JAX_PLATFORMS=cuda,cpu on one)')
+  mesh = parallel.create_mesh(accelerators)
+  assert parallel.cpu_compiler_options(mesh, convolutions='xla', reductions='xla') == {}
+  assert parallel.run_once_compiler_options(mesh) == {}
+  state = state_lib.jit_create_train_state(tiny.get_config(), mesh)(jax.random.key(0))
+  assert {d.platform for leaf in jax.tree.leaves(state) for d in leaf.devices()} == {accelerators[0].platform}
