@@ -189,13 +189,31 @@ def lowered_flops(lowered: Any) -> float | None:
   came to 0.81 GFLOP instead of 5.1 on an H200, BENCHMARKS.md), while the lowered program counts every
   convolution and dot the same way on every platform.
   """
-  analysis = lowered.cost_analysis()
+  analysis = lowered.cost_analysis() or _cpu_cost_analysis(lowered)
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per partition
     analysis = analysis[0] if analysis else None
   if not analysis or 'flops' not in analysis:
     return None
   flops = float(analysis['flops'])
   return flops if flops > 0 else None
+
+
+def _cpu_cost_analysis(lowered: Any) -> dict[str, float] | None:
+  """XLA's HLO cost analysis of `lowered`'s module, run by the CPU client.
+
+  A backend behind PJRT's C API (the CUDA plugin, TPUs) has no cost analysis of a lowered program: jax's
+  `Lowered.cost_analysis()` returns None there (jax 0.11.2 on an H200, BENCHMARKS.md). The analysis only
+  reads the HLO, so the CPU client, which every jax has, counts the same module. It is jax's own call
+  behind `Lowered.cost_analysis()`, not public API: None where a jax lacks it.
+  """
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+    module = lowered.compiler_ir('hlo').as_hlo_module()
+    return _jax.hlo_module_cost_analysis(xla_bridge.get_backend('cpu'), module)
+  except (ImportError, AttributeError, RuntimeError) as e:
+    print(f'bench: no FLOP count ({type(e).__name__}: {e})', file=sys.stderr)
+    return None
 
 
 class CompileEvents:

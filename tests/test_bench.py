@@ -67,6 +67,16 @@ def test_lowered_flops_counts_every_multiply_add_of_a_convolution_and_a_dot():
                                           jax.ShapeDtypeStruct((6, 7), jnp.float32))
   assert common.lowered_flops(dot) == 2 * 4 * 6 * 7
 
+  class PjrtCApiLowered:  # jax's Lowered on a backend behind PJRT's C API (the CUDA plugin): no cost analysis
+    def __init__(self, lowered):
+      self.compiler_ir = lowered.compiler_ir
+
+    def cost_analysis(self):
+      return None
+
+  assert common.lowered_flops(PjrtCApiLowered(lowered)) == 2 * n * taps_per_axis ** 2 * c_in * c_out
+  assert common.lowered_flops(PjrtCApiLowered(dot)) == 2 * 4 * 6 * 7
+
 
 def _global_train_step_flops(overrides: dict[str, Any]) -> float:
   """XLA's count for one train step of configs/tiny.py over its global batch, on one device."""
