@@ -530,3 +530,61 @@ def test_torch_peer_sampling_refuses_a_sampler_it_does_not_run(tmp_path):
   assert proc.returncode != 0
   assert "--method='ddpm': the sampling peer runs DDIM only: ddimK, e.g. ddim100" in proc.stderr
   assert not (tmp_path / 'peer.json').exists()
+
+
+def _xspace(planes: list[tuple[str, list[list[tuple[str, int, int]]]]]) -> bytes:
+  """A serialized XSpace (the profiler's .xplane.pb format): planes of lines of (name, start, length) in us."""
+  from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
+  text = []
+  for plane_id, (plane, lines) in enumerate(planes, 1):
+    names = sorted({name for line in lines for name, _, _ in line})
+    body = [f'lines {{ id: {i} name: "stream {i}" timestamp_ns: 0 ' +
+            ' '.join(f'events {{ metadata_id: {names.index(n) + 1} offset_ps: {s * 10**6} '
+                     f'duration_ps: {d * 10**6} }}' for n, s, d in line) + ' }'
+            for i, line in enumerate(lines, 1)]
+    body += [f'event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}' for i, n in enumerate(names, 1)]
+    text.append(f'planes {{ id: {plane_id} name: "{plane}" {" ".join(body)} }}')
+  return ProfileData.text_proto_to_serialized_xspace('\n'.join(text))
+
+
+def test_profile_summary_sums_a_gpu_traces_kernels_per_category_and_name(tmp_path):
+  """Two steps of kernels on two overlapping streams: numbered instances summed under one name, each in
+  its category (a fusion named for a convert is no convolution), sums per step, busy against the span."""
+  step = [('input_reduce_fusion_3', 0, 2), ('input_reduce_fusion_12', 2, 4), ('loop_convert_fusion', 6, 1),
+          ('sm90_xmma_fprop_implicit_gemm_bf16_cudnn', 7, 10), ('nvjet_sm90_tst_128x128', 17, 3)]
+  stream = [(name, start + 20 * s, length) for s in range(2) for name, start, length in step]
+  copies = [('memcpy32_post', 30, 5)]  # on a second stream, overlapping the first
+  trace = tmp_path / 'plugins' / 'profile' / '2026_12_04'
+  trace.mkdir(parents=True)
+  (trace / 'vm.xplane.pb').write_bytes(_xspace([('/host:CPU', []), ('/device:GPU:0', [stream, copies])]))
+  out = tmp_path / 'summary.json'
+  proc = subprocess.run([sys.executable, 'bench/profile_summary.py', f'--trace={tmp_path}', '--steps=2',
+                         f'--out={out}'], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads(out.read_text())
+  assert summary['devices'] == ['/device:GPU:0'] and summary['kernels_per_step'] == 5.5
+  assert summary['kernel_ms'] == pytest.approx((20 + 20 + 5) / 2 / 1000)
+  assert summary['busy'] == pytest.approx(45 / 40)  # 45 us of kernels in the 40 us from first start to last end
+  categories = {row['category']: (round(row['ms'] * 1000, 9), row['calls']) for row in summary['categories']}
+  assert categories == {
+      'XLA reduction fusions': (6, 2), 'XLA elementwise fusions': (1, 1), 'convolution (cuDNN)': (10, 1),
+      'matrix product (cuBLAS, XLA GEMM fusions)': (3, 1),
+      'data movement (copies, concatenations, slices, memset)': (2.5, 0.5)}
+  kernels = {row['kernel']: (round(row['ms'] * 1000, 9), row['calls']) for row in summary['top_kernels']}
+  assert kernels['input_reduce_fusion'] == (6, 2)
+  assert summary['top_kernels'][0]['kernel'] == 'sm90_xmma_fprop_implicit_gemm_bf16_cudnn'
+  assert '| XLA reduction fusions | 0.006 | 26.7% | 2 |' in proc.stdout
+  assert '| data movement (copies, concatenations, slices, memset) | 0.003 | 11.1% | 0.5 |' in proc.stdout
+
+
+def test_profile_summary_says_a_cpu_trace_has_no_device_plane(tmp_path):
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  with jax.profiler.trace(str(tmp_path)):
+    jax.jit(lambda x: x * 2)(jnp.ones(4)).block_until_ready()
+  proc = subprocess.run([sys.executable, 'bench/profile_summary.py', f'--trace={tmp_path}'],
+                        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, check=False)
+  assert proc.returncode != 0 and 'no /device: plane (a CPU trace?)' in proc.stderr, proc.stderr[-2000:]
+  missing = subprocess.run([sys.executable, 'bench/profile_summary.py', f'--trace={tmp_path / "none"}'],
+                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, check=False)
+  assert missing.returncode != 0 and 'no *.xplane.pb below it' in missing.stderr
