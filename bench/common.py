@@ -201,7 +201,7 @@ def lowered_flops(lowered: Any) -> float | None:
 def _cpu_cost_analysis(lowered: Any) -> dict[str, float] | None:
   """XLA's HLO cost analysis of `lowered`'s module, run by the CPU client.
 
-  A backend behind PJRT's C API (the CUDA plugin, TPUs) has no cost analysis of a lowered program: jax's
+  A backend behind PJRT's C API (the CUDA plugin, for one) has no cost analysis of a lowered program: jax's
   `Lowered.cost_analysis()` returns None there (jax 0.11.2 on an H200, BENCHMARKS.md). The analysis only
   reads the HLO, so the CPU client, which every jax has, counts the same module. It is jax's own call
   behind `Lowered.cost_analysis()`, not public API: None where a jax lacks it.
