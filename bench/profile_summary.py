@@ -19,13 +19,19 @@ from __future__ import annotations
 
 import collections
 import glob
-import json
 import os
 import re
+import sys
 from collections.abc import Iterable
 from typing import Any
 
-from absl import app, flags
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+  sys.path.insert(0, _REPO_ROOT)
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+
+from bench import common  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_string('trace', None, 'A jax.profiler trace directory (or one .xplane.pb file).')
 flags.DEFINE_integer('steps', None, 'Steps (or calls) the trace holds: sums are then per step.')
@@ -87,10 +93,11 @@ def summarize(profile: Any, steps: int | None = None, top: int = 25) -> dict[str
   category_calls, calls = collections.Counter(), collections.Counter()
   spans: dict[str, list[int]] = {}
   for plane, name, start, duration in device_events(profile):
-    by_category[category(name)] += duration
-    category_calls[category(name)] += 1
-    by_kernel[kernel_name(name)] += duration
-    calls[kernel_name(name)] += 1
+    kind, kernel = category(name), kernel_name(name)
+    by_category[kind] += duration
+    category_calls[kind] += 1
+    by_kernel[kernel] += duration
+    calls[kernel] += 1
     span = spans.setdefault(plane, [start, start + duration])
     span[0], span[1] = min(span[0], start), max(span[1], start + duration)
   if not spans:
@@ -113,13 +120,13 @@ def print_summary(summary: dict[str, Any], path: str) -> None:
   print(f'{path}: {", ".join(summary["devices"])}; {summary["kernel_ms"]:.2f} ms of kernels {unit} '
         f'({summary["kernels_per_step"]:.0f} kernels), {summary["busy"]:.0%} of the '
         f'{summary["span_ms"]:.2f} ms span of device activity\n')
-  print(f'| category | ms {unit} | share | calls {unit} |\n|---|---|---|---|')
-  for row in summary['categories']:
-    print(f'| {row["category"]} | {row["ms"]:.3f} | {row["share"]:.1%} | {row["calls"]:.4g} |')
-  print(f'\n| kernel | category | ms {unit} | share | calls {unit} |\n|---|---|---|---|---|')
-  for row in summary['top_kernels']:
-    print(f'| `{row["kernel"]}` | {row["category"]} | {row["ms"]:.3f} | {row["share"]:.1%} | '
-          f'{row["calls"]:.4g} |')
+  cells = lambda row: [f'{row["ms"]:.3f}', f'{row["share"]:.1%}', f'{row["calls"]:.4g}']  # noqa: E731
+  print(common.markdown_table(['category', f'ms {unit}', 'share', f'calls {unit}'],
+                              [[row['category'], *cells(row)] for row in summary['categories']]))
+  print()
+  print(common.markdown_table(['kernel', 'category', f'ms {unit}', 'share', f'calls {unit}'],
+                              [[f'`{row["kernel"]}`', row['category'], *cells(row)]
+                               for row in summary['top_kernels']]))
 
 
 def main(argv: list[str]) -> None:
@@ -133,9 +140,7 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     raise SystemExit(f'{path}: {e}') from None
   print_summary(summary, path)
-  if FLAGS.out:
-    with open(FLAGS.out, 'w', encoding='utf-8') as f:
-      json.dump({'trace': path, **summary}, f, indent=1)
+  common.write_json({'trace': path, **summary}, FLAGS.out)
 
 
 if __name__ == '__main__':
