@@ -28,13 +28,17 @@ With `--measure=sample` the pairs time DDIM sampling (`--method=ddimK`) instead,
       the worker from `ddpm_jax.diffusion.space_timesteps`), one untimed call, then `--repeats` timed calls.
   The figure of a run is its median images/s over the calls.
 The frameworks alternate (and which goes first alternates from pair to pair), so that a drift of the
-machine's load or clock affects both. Each run's figure is the median steps/s over its windows; the ratio
+machine's load or clock affects both. With `--cores=N` both processes start pinned to the first N
+cores this one may use (PyTorch then with N intra-op threads; ddpm_jax picks its devices for N cores as
+it does on any machine): `--cores=1` separates the speed of the two frameworks' kernels on one core from
+how each spreads its work over several. Each run's figure is the median steps/s over its windows; the ratio
 of a pair is ddpm_jax / PyTorch (above 1: ddpm_jax is faster). Both use one fixed random batch: the data
 pipeline is timed in neither.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -44,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -69,6 +74,11 @@ flags.DEFINE_integer('warmup_steps', 3, 'Untimed steps before the windows (after
 flags.DEFINE_string('method', 'ddim100', 'With --measure=sample: the sampler, ddimK (K DDIM steps).')
 flags.DEFINE_integer('repeats', 3, 'With --measure=sample: timed calls per run, after one untimed call.')
 flags.DEFINE_list('timesteps', None, 'Internal (--worker, --measure=sample): the respaced timesteps.')
+flags.DEFINE_integer('cores', None,
+                     'Run both sides on the first N cores this process may use (each process started with that '
+                     'affinity; PyTorch with N intra-op threads, ddpm_jax with what it picks for N cores). '
+                     '--cores=1 compares the two frameworks\' kernels on one core, without their parallel '
+                     'scaling. Default: every schedulable core, each framework\'s own threads.')
 flags.DEFINE_string('out', None, 'Where to write the JSON record (default: print only).')
 flags.DEFINE_bool('worker', False, 'Internal: run the PyTorch side once and write its record to --out.')
 FLAGS = flags.FLAGS
@@ -282,14 +292,49 @@ def run_torch_sampler(config: ml_collections.ConfigDict, timesteps: list[int], r
 # The runner: one subprocess per run, alternating.
 
 
-def _run_json(cmd: list[str], what: str) -> dict[str, Any]:
-  """Runs `cmd` (this environment, unchanged), whose last argument is `--out=PATH`; returns that JSON."""
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_REPO_ROOT, check=False)
+@contextlib.contextmanager
+def _thread_affinity(cpus: set[int] | None) -> Iterator[None]:
+  """Narrows the calling thread's cores to `cpus` (None: leaves them) until the block ends.
+
+  A child process inherits the mask of the thread that starts it. Setting it here rather than in a
+  `preexec_fn` keeps Python code out of the forked child of this multi-threaded (JAX) process.
+  """
+  if cpus is None:
+    yield
+    return
+  before = os.sched_getaffinity(0)
+  os.sched_setaffinity(0, cpus)
+  try:
+    yield
+  finally:
+    os.sched_setaffinity(0, before)
+
+
+def _run_json(cmd: list[str], what: str, cpus: set[int] | None = None) -> dict[str, Any]:
+  """Runs `cmd` (this environment, unchanged), whose last argument is `--out=PATH`; returns that JSON.
+
+  cpus: the cores the process (and every thread it starts) may run on; None: this process's own.
+  """
+  with _thread_affinity(cpus):
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_REPO_ROOT, check=False)
   if proc.returncode != 0:
     raise RuntimeError(f'{what} failed (exit {proc.returncode}): {" ".join(cmd)}\n'
                        f'STDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}')
   with open(cmd[-1].split('=', 1)[1]) as f:
     return json.load(f)
+
+
+def pinned_cpus(cores: int | None) -> set[int] | None:
+  """The first `cores` of the cores this process may run on (`--cores`); None when not given."""
+  if cores is None:
+    return None
+  if not hasattr(os, 'sched_setaffinity'):
+    raise app.UsageError(f'--cores={cores}: pinning needs os.sched_setaffinity (Linux); leave --cores out')
+  available = sorted(os.sched_getaffinity(0))
+  if not 1 <= cores <= len(available):
+    raise app.UsageError(f'--cores={cores}: this process may run on {len(available)} cores {available}; '
+                         f'allowed: 1 to {len(available)}')
+  return set(available[:cores])
 
 
 def jax_command(config_path: str, overrides: list[str], batch_size: int) -> list[str]:
@@ -306,6 +351,8 @@ def torch_command(config_path: str, overrides: list[str], batch_size: int, times
   """This script's --worker run of `--measure` in a fresh process, less its `--out`."""
   cmd = [sys.executable, os.path.abspath(__file__), '--worker', f'--measure={FLAGS.measure}',
          f'--config={config_path}', *overrides, f'--batch_size={batch_size}']
+  if FLAGS.cores:
+    cmd.append(f'--cores={FLAGS.cores}')
   if FLAGS.measure == 'train':
     return cmd + [f'--windows={FLAGS.windows}', f'--steps_per_window={FLAGS.steps_per_window}',
                   f'--warmup_steps={FLAGS.warmup_steps}']
@@ -360,10 +407,14 @@ def markdown(record: dict[str, Any]) -> str:
       f'load average (1 min) during the runs {min(loads, default=0):.2f}–{max(loads, default=0):.2f}.',
       f'Versions: jax {v["jax"]} (jaxlib {v["jaxlib"]}, flax {v["flax"]}, optax {v["optax"]}), '
       f'torch {v["torch"]}, Python {m["python"]}.',
-      f'Threads: PyTorch intra-op {t["torch_intra_op"]}, inter-op {t["torch_interop"]} (its defaults); '
+      f'Threads: PyTorch intra-op {t["torch_intra_op"]}, inter-op {t["torch_interop"]} '
+      f'({"intra-op set by --cores" if t.get("pinned_cores") else "its defaults"}); '
       f'ddpm_jax on {t["jax_devices"]} ({t["jax_device_count"]} device(s)), XLA_FLAGS '
       f'{t["xla_flags"] or "unset"} in the environment given to it.',
   ]
+  if t.get('pinned_cores'):
+    lines.append(f'Pinned: both runs started with the affinity of core(s) {t["pinned_cores"]} (--cores='
+                 f'{len(t["pinned_cores"])}): each framework\'s kernels on that many cores.')
   if record.get('contention_warning'):
     lines.append(f'WARNING: {record["contention_warning"]}.')
   if record.get('note'):
@@ -379,6 +430,7 @@ def run_pairs(config: ml_collections.ConfigDict, config_path: str, overrides: li
   from ddpm_jax import diffusion, models  # pylint: disable=g-import-not-at-top,import-outside-toplevel
 
   check_supported(config)  # before anything runs
+  cpus = pinned_cpus(FLAGS.cores)
   if min(FLAGS.pairs, FLAGS.windows, FLAGS.steps_per_window, FLAGS.warmup_steps, FLAGS.repeats) < 1:
     raise app.UsageError('--pairs, --windows, --steps_per_window, --warmup_steps and --repeats must be >= 1')
   measure, rate = FLAGS.measure, RATE[FLAGS.measure]
@@ -420,7 +472,7 @@ def run_pairs(config: ml_collections.ConfigDict, config_path: str, overrides: li
         out = os.path.join(tmp, f'{side}_{i}.json')
         print(f'pair {i + 1}/{FLAGS.pairs}: {side} ...', file=sys.stderr, flush=True)
         cmd, what = commands[side]
-        runs[side] = _run_json([*cmd, f'--out={out}'], what)
+        runs[side] = _run_json([*cmd, f'--out={out}'], what, cpus)
       jax_rec, torch_rec = runs['ddpm_jax'], runs['torch']
       jax_run = _jax_run_summary(jax_rec)
       for name, count in (('ddpm_jax', jax_rec['num_params']), ('PyTorch', torch_rec['num_params'])):
@@ -444,7 +496,8 @@ def run_pairs(config: ml_collections.ConfigDict, config_path: str, overrides: li
       'jax_devices': devices.get('kind', devices.get('platform', '?')),
       'jax_device_count': devices.get('count', '?'),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
-      'schedulable_cores': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None}
+      'schedulable_cores': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None,
+      'pinned_cores': None if cpus is None else sorted(cpus)}
   record['machine']['load_average_1m_at_end'] = round(os.getloadavg()[0], 2)
   record['contention_warning'] = contention_warning(record)
   return record
@@ -477,6 +530,9 @@ def main(argv: list[str]) -> None:
     else:
       config.sampling.batch_size = FLAGS.batch_size
   if FLAGS.worker:
+    if FLAGS.cores:  # the runner started this process on that many cores: one intra-op thread each
+      import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+      torch.set_num_threads(FLAGS.cores)
     if FLAGS.measure == 'train':
       record = run_torch(config, FLAGS.windows, FLAGS.steps_per_window, FLAGS.warmup_steps)
     else:

@@ -505,6 +505,31 @@ def test_torch_peer_one_pair_on_tiny(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, 'sched_setaffinity'), reason='pinning needs os.sched_setaffinity')
+def test_torch_peer_on_one_core_pins_both_runs(tmp_path):
+  """--cores=1: both processes start on one core, so ddpm_jax makes one device and PyTorch one thread."""
+  pytest.importorskip('torch')
+  first_core = min(os.sched_getaffinity(0))
+  record, stdout = _run('torch_peer.py', ['--pairs=1', '--windows=2', '--steps_per_window=2', '--warmup_steps=1',
+                                          '--batch_size=8', '--cores=1'], str(tmp_path / 'peer.json'))
+  threads = record['threads']
+  assert threads['pinned_cores'] == [first_core]
+  assert threads['torch_intra_op'] == 1 and threads['jax_device_count'] == 1, threads
+  assert f'Pinned: both runs started with the affinity of core(s) [{first_core}] (--cores=1)' in stdout
+  assert 'intra-op set by --cores' in stdout
+
+
+def test_torch_peer_refuses_more_cores_than_it_may_use(tmp_path):
+  pytest.importorskip('torch')
+  too_many = len(os.sched_getaffinity(0)) + 1 if hasattr(os, 'sched_getaffinity') else 2
+  proc = subprocess.run([sys.executable, 'bench/torch_peer.py', *TINY, f'--cores={too_many}',
+                         f'--out={tmp_path / "peer.json"}'], capture_output=True, text=True, cwd=REPO_ROOT,
+                        timeout=300, check=False)
+  assert proc.returncode != 0 and f'--cores={too_many}' in proc.stderr, proc.stderr[-2000:]
+  assert not (tmp_path / 'peer.json').exists()
+
+
+@pytest.mark.slow
 def test_torch_peer_sampling_one_pair_on_tiny(tmp_path):
   pytest.importorskip('torch')
   record, stdout = _run('torch_peer.py', ['--measure=sample', '--method=ddim3', '--pairs=1', '--repeats=2',
