@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import strategies as st
 
@@ -121,6 +123,65 @@ def test_bfloat16_train_step_has_no_float32_matmul_islands():
   assert mixed and all(bf16 in operands for _, operands, _ in mixed), mixed
 
 
+@hypothesis.settings(deadline=None, max_examples=25)
+@hypothesis.given(scale=st.floats(1e-3, 1e3), max_norm=st.floats(0.1, 10.0), seed=st.integers(0, 2**16))
+def test_clip_by_global_norm_is_optaxs_with_or_without_the_norm_handed_in(scale, max_norm, seed):
+  """state_lib.clip_by_global_norm: u * min(1, max_norm / ||u||) (float64 reference), bit-identical to
+  optax's clip whether it sums the norm itself or takes the step's (`grad_norm=`), with optax's state
+  (so checkpoints written with optax's clip restore)."""
+  rng = np.random.default_rng(seed)
+  tree = {'w': jnp.asarray(rng.normal(size=(3, 4)) * scale, jnp.float32),
+          'b': [jnp.asarray(rng.normal(size=(5,)) * scale, jnp.float32)]}
+  ours, optaxs = state_lib.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+  assert ours.init(tree) == optaxs.init(tree)
+  want, _ = jax.jit(optaxs.update)(tree, optaxs.init(tree))
+  norm = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+  for hand_in in (False, True):
+    got, _ = jax.jit(lambda t, s, hand_in=hand_in: ours.update(
+        t, s, **({'grad_norm': optax.tree.norm(t)} if hand_in else {})))(tree, ours.init(tree))
+    jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)), got, want)
+    jax.tree.map(lambda g, x: np.testing.assert_allclose(
+        g, np.asarray(x, np.float64) * min(1.0, max_norm / norm), rtol=1e-5), got, tree)
+
+
+def _reductions_per_applied_step(grad_clip: float) -> tuple[int, int]:
+  """(reduce_sum equations a step that applies its update runs, the weights' count) of the tiny step."""
+  config = tiny.get_config()
+  config.optim.grad_clip = grad_clip
+  train_step = step_lib.make_train_step(models.create_model(config),
+                                        diffusion.coefficients_from_config(config.diffusion))
+  state = jax.eval_shape(lambda key: state_lib.create_train_state(config, key), jax.random.key(0))
+  batch = jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32)
+  jaxpr = jax.make_jaxpr(train_step)(state, batch, jax.random.key(0)).jaxpr
+
+  def count(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'cond':  # branches (frozen, applied): the applied one runs
+        n += count(eqn.params['branches'][-1].jaxpr)
+        continue
+      n += eqn.primitive.name == 'reduce_sum'
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            n += count(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            n += count(sub)
+    return n
+
+  return count(jaxpr), len(jax.tree.leaves(state.params))
+
+
+def test_the_clip_adds_no_reduction_to_the_step():
+  """The gradient's norm is summed once a step, for the clip and the `grad_norm` metric both. optax's
+  clip summed every weight's squares again inside the update's `cond`, where XLA cannot share the
+  metric's sums: one more reduction per weight (328 kernel launches in the CIFAR10 step on a GPU,
+  BENCHMARKS.md)."""
+  (unclipped, num_weights), (clipped, _) = (_reductions_per_applied_step(c) for c in (0.0, 1.0))
+  assert num_weights > 50 and unclipped > num_weights
+  assert clipped == unclipped, (clipped, unclipped, num_weights)
+
+
 def _run(tmp_path, name, steps, **overrides):
   config = tiny.get_config()
   config.training.num_train_steps = steps
@@ -215,10 +276,38 @@ def test_a_non_finite_step_freezes_the_whole_state_bit_exactly():
   assert not np.isfinite(float(metrics['loss']))
   for _ in range(2):  # ... and a finite loss afterwards does not thaw it
     assert (int(state.step), int(state.nonfinite_step)) in ((2, 1), (3, 1))
+    assert np.isnan(float(metrics['grad_norm']))  # no update, no clip: no norm either
     for a, b in zip(frozen, _leaves((state.params, state.ema_params, state.opt_state, state.sampler_state))):
       np.testing.assert_array_equal(a, b)
-    state, _ = step(state, good, key)
+    state, metrics = step(state, good, key)
   assert int(state.step) == 4 and int(state.nonfinite_step) == 1
+
+
+def test_the_guard_stays_a_conditional_with_an_empty_frozen_branch():
+  """The guard's frozen branch only passes its operands through (parameter, get-tuple-element, tuple),
+  for any platform's XLA: a `cond` whose branches are both cheap and neither empty is turned into a
+  select over old and new states by XLA's ConditionalSimplifier, which made the bfloat16 CIFAR10 step
+  17% slower on an H200 when the branch returned a NaN constant for the `grad_norm` metric (BENCHMARKS.md)."""
+  config = tiny.get_config()
+  train_step = step_lib.make_train_step(models.create_model(config),
+                                        diffusion.coefficients_from_config(config.diffusion))
+  state = jax.eval_shape(lambda key: state_lib.create_train_state(config, key), jax.random.key(0))
+  hlo = jax.jit(train_step).lower(state, jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32),
+                                  jax.random.key(0)).as_text(dialect='hlo')
+  bodies, name = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if header:
+      name = header.group(1)
+      bodies[name] = []
+    elif name and '=' in line:
+      bodies[name].append(re.search(r'= \S+(?: \S+)*? ([a-z\-]+)\(', line).group(1))
+  conditionals = [line for line in hlo.splitlines() if ' conditional(' in line]
+  assert len(conditionals) == 1, conditionals
+  branches = re.findall(r'%?([\w.\-]+)', re.search(r'branch_computations=\{([^}]*)\}',
+                                                    conditionals[0]).group(1))
+  empty = [b for b in branches if set(bodies[b]) <= {'parameter', 'get-tuple-element', 'tuple'}]
+  assert len(branches) == 2 and len(empty) == 1, {b: sorted(set(bodies[b]))[:12] for b in branches}
 
 
 def test_sigterm_checkpoints_and_stops(tmp_path):

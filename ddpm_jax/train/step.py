@@ -88,26 +88,34 @@ def make_train_step(model: Any, coefs: diffusion.DiffusionCoefficients,
     grads, terms = gradients(state.params, examples)
     loss = jnp.mean(terms['loss'] * weights)
 
-    def update(state: TrainState) -> TrainState:
-      new_state = state.apply_gradients(grads)
+    def update(operand: tuple[TrainState, jax.Array]) -> tuple[TrainState, jax.Array]:
+      state, _ = operand
+      grad_norm = optax.tree.norm(grads)  # summed once, for the clip and the metric both
+      new_state = state.apply_gradients(grads, grad_norm=grad_norm)
       if state.sampler_state is not None:
         new_state = new_state.replace(sampler_state=timesteps.update_loss_second_moment(
             state.sampler_state, t, terms['loss']))
-      return new_state
+      return new_state, grad_norm
 
     # A non-finite loss freezes the state (only `step` advances) and records the first bad step, so
     # that the loop can stop with an error at its next sync point without a NaN ever reaching a checkpoint.
     # `lax.cond` rather than a `where` over old and new states: the update then runs in place in the
     # donated buffers. The `where` kept the old state alive beside the new one: XLA copied the state's
     # arrays (984 copies in the CIFAR10 step) and selected over all of them, 2-4% of a CPU step
-    # (BENCHMARKS.md); the results are bit-identical.
+    # (BENCHMARKS.md); the results are bit-identical. The frozen branch must only pass its operands
+    # through: XLA turns a `cond` whose branches are both cheap and neither empty into that very select
+    # (ConditionalSimplifier; 17% slower on a GPU). So its NaN norm comes in as an operand, and not as a
+    # constant, which JAX would move into the branch. The norm is summed inside the update, not before
+    # the `cond`: there it would round otherwise than optax's clip always did (runs would move in their
+    # last bits).
     ok = jnp.isfinite(loss) & (state.nonfinite_step < 0)
-    new_state = jax.lax.cond(ok, update, lambda state: state, state)
+    frozen_norm = jnp.where(ok, 0.0, jnp.nan).astype(jnp.float32)
+    new_state, grad_norm = jax.lax.cond(ok, update, lambda operand: operand, (state, frozen_norm))
     new_state = new_state.replace(
         step=state.step + 1,
         nonfinite_step=jnp.where(ok | (state.nonfinite_step >= 0), state.nonfinite_step, state.step))
 
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': loss, 'grad_norm': grad_norm,
                'learning_rate': state.learning_rate(state.step)}
     metrics.update({name: jnp.mean(value) for name, value in terms.items() if name != 'loss'})
     metrics.update(loss_by_quarter(terms['loss'], t, num_timesteps))
