@@ -10,15 +10,25 @@ run one window of `--steps_per_window` steps of every variant, the order reverse
 shared machine whose speed drifts by 10-20% within minutes, the per-round ratio to the first variant is the
 figure to read: both sides of a ratio ran within seconds of each other. XLA_FLAGS apply to the whole process,
 so levers set by flags need separate processes (`bench/train_throughput.py`, alternating by hand).
+
+A change to the step's code rather than to the config is timed the same way: `--step_module=NAME=PATH`
+builds variant NAME with the `jit_train_step` of the Python file PATH, e.g. the step as it was at another
+revision, beside the working tree's:
+
+  git show REV:ddpm_jax/train/step.py > /tmp/step_before.py
+  python bench/train_ab.py --config=configs/cifar10.py --batch_size=128 --dtype=bfloat16 \
+      --variant=before: --variant=now: --step_module=before=/tmp/step_before.py
 """
 
 from __future__ import annotations
 
 import ast
 import copy
+import importlib.util
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -37,6 +47,9 @@ from ddpm_jax.config import validate_config  # pylint: disable=g-import-not-at-t
 
 flags.DEFINE_multi_string('variant', None, 'NAME:FIELD=VALUE[;FIELD=VALUE...] (at least two).')
 flags.DEFINE_integer('rounds', 10, 'Rounds; each runs one window of every variant.')
+flags.DEFINE_multi_string('step_module', None,
+                          'NAME=PATH: variant NAME compiles its step with the jit_train_step of the Python file '
+                          'PATH instead of ddpm_jax.train.step (e.g. git show REV:ddpm_jax/train/step.py > PATH).')
 FLAGS = flags.FLAGS
 
 
@@ -71,6 +84,23 @@ def variant_config(config: ml_collections.ConfigDict, fields: dict[str, Any]) ->
   return out
 
 
+def load_step_module(spec: str, variant_names: list[str]) -> tuple[str, str, Callable[..., Any]]:
+  """'before=/tmp/step.py' -> ('before', '/tmp/step.py', that file's `jit_train_step`), the file run as a
+  fresh module."""
+  name, sep, path = spec.partition('=')
+  if not sep or name not in variant_names:
+    raise app.UsageError(f'--step_module={spec!r}: expected NAME=PATH with NAME one of the variants '
+                         f'{variant_names}')
+  if not os.path.isfile(path):
+    raise app.UsageError(f'--step_module={spec!r}: no such file {path!r}')
+  module_spec = importlib.util.spec_from_file_location(f'train_ab_step_{name}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not callable(getattr(module, 'jit_train_step', None)):
+    raise app.UsageError(f'--step_module={spec!r}: {path} defines no jit_train_step')
+  return name, path, module.jit_train_step
+
+
 def ratios(rates: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
   """Per variant: steps/s over the rounds, and its per-round ratio to the first variant."""
   base = rates[next(iter(rates))]
@@ -84,12 +114,16 @@ def main(argv: list[str]) -> None:
   variants = [parse_variant(spec) for spec in FLAGS.variant or []]
   if len(variants) < 2 or len({name for name, _ in variants}) != len(variants):
     raise app.UsageError('give at least two --variant, with distinct names')
+  names = [name for name, _ in variants]
+  loaded = [load_step_module(spec, names) for spec in FLAGS.step_module or []]
+  step_modules = {name: path for name, path, _ in loaded}
+  jit_steps = {name: jit_step for name, _, jit_step in loaded}
   mesh = parallel.create_mesh(jax.local_devices())
   setups = {}
   for name, fields in variants:
     cfg = variant_config(config, fields)
     validate_config(cfg, num_devices=mesh.devices.size, num_processes=jax.process_count())
-    setups[name] = train_throughput.setup(cfg, mesh)
+    setups[name] = train_throughput.setup(cfg, mesh, jit_steps.get(name, train_throughput.jit_train_step))
     train_throughput.run_steps(setups[name], FLAGS.warmup_steps)  # compiles, then warms up
   rates: dict[str, list[float]] = {name: [] for name in setups}
   for r in range(FLAGS.rounds):
@@ -97,7 +131,7 @@ def main(argv: list[str]) -> None:
       start = time.perf_counter()
       train_throughput.run_steps(setups[name], FLAGS.steps_per_window)
       rates[name].append(FLAGS.steps_per_window / (time.perf_counter() - start))
-  record.update({'variants': dict(variants), 'rounds': FLAGS.rounds,
+  record.update({'variants': dict(variants), 'step_modules': step_modules, 'rounds': FLAGS.rounds,
                  'steps_per_window': FLAGS.steps_per_window, 'results': ratios(rates)})
   common.write_json(record, FLAGS.out)
   first = variants[0][0]

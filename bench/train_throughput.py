@@ -24,6 +24,7 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -55,12 +56,17 @@ FLAGS = flags.FLAGS
 MIN_WINDOWS = 5
 
 
-def setup(config: ml_collections.ConfigDict, mesh: Any) -> dict[str, Any]:
-  """The jitted step (as the training loop builds it) and its device-resident inputs."""
+def setup(config: ml_collections.ConfigDict, mesh: Any,
+          jit_step: Callable[..., Any] = jit_train_step) -> dict[str, Any]:
+  """The jitted step (as the training loop builds it) and its device-resident inputs.
+
+  jit_step: `ddpm_jax.train.step.jit_train_step`, or another module's of the same signature (an older
+  revision's, for `bench/train_ab.py --step_module`).
+  """
   repl = parallel.replicated_sharding(mesh)
   model = models.create_model(config)
   coefs = diffusion.coefficients_from_config(config.diffusion)
-  step = jit_train_step(model, coefs, mesh, config.runtime.gradient_all_reduce, runtime.train_convolutions(config))
+  step = jit_step(model, coefs, mesh, config.runtime.gradient_all_reduce, runtime.train_convolutions(config))
   state = jit_create_train_state(config, mesh)(stream_key(config, INIT_STREAM))
   c, size = config.data.num_channels, config.data.image_size
   rng = np.random.default_rng(config.seed)

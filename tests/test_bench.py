@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 from typing import Any
 
 import pytest
@@ -132,13 +133,25 @@ def test_train_throughput_tiny(tmp_path):
 
 @pytest.mark.slow  # ~40-50 s on 2 cores
 def test_train_ab_alternates_variants_and_reports_per_round_ratios(tmp_path):
-  """bench/train_ab.py: every variant built from its overrides, timed in every round, its per-round ratio
-  to the first; a field the config lacks is an error naming it."""
-  variants = ['--variant=a:', '--variant=b:training.ema_decay=0.5;optim.grad_clip=2.0']
+  """bench/train_ab.py: every variant built from its overrides (and variant b from another file's step,
+  `--step_module`), timed in every round, its per-round ratio to the first; a field the config lacks, or a
+  step module for no variant, is an error naming it."""
+  step_file, marker = tmp_path / 'step_elsewhere.py', tmp_path / 'built_from_elsewhere'
+  with open(os.path.join(REPO_ROOT, 'ddpm_jax', 'train', 'step.py')) as f:
+    step_file.write_text(f.read() + textwrap.dedent(f'''
+        _jit_train_step = jit_train_step
+        def jit_train_step(*args, **kwargs):
+          open({str(marker)!r}, 'a').write('built\\n')
+          return _jit_train_step(*args, **kwargs)
+        '''))
+  variants = ['--variant=a:', '--variant=b:training.ema_decay=0.5;optim.grad_clip=2.0',
+              f'--step_module=b={step_file}']
   record, stdout = _run('train_ab.py', ['--rounds=3', '--steps_per_window=1', '--warmup_steps=1',
                                         '--batch_size=8', *variants], str(tmp_path / 'ab.json'))
   assert record['benchmark'] == 'train_ab' and record['rounds'] == 3
   assert record['variants'] == {'a': {}, 'b': {'training.ema_decay': 0.5, 'optim.grad_clip': 2.0}}
+  assert record['step_modules'] == {'b': str(step_file)}
+  assert marker.read_text() == 'built\n'  # variant b's step, and only b's, came from the file
   for res in record['results'].values():
     _check_summary(res['steps_per_s'])
   assert record['results']['a']['ratio_to_first'] == {'median': 1.0, 'min': 1.0, 'max': 1.0}
@@ -147,6 +160,11 @@ def test_train_ab_alternates_variants_and_reports_per_round_ratios(tmp_path):
                          '--variant=b:training.no_such=1'], capture_output=True, text=True, cwd=REPO_ROOT,
                         env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300, check=False)
   assert proc.returncode != 0 and "config has no field 'training.no_such'" in proc.stderr, proc.stderr[-3000:]
+  proc = subprocess.run([sys.executable, 'bench/train_ab.py', *TINY, '--variant=a:', '--variant=b:',
+                         f'--step_module=c={step_file}'], capture_output=True, text=True, cwd=REPO_ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300, check=False)
+  assert proc.returncode != 0 and "--step_module='c=" in proc.stderr and "one of the variants ['a', 'b']" in \
+      proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.slow
