@@ -112,9 +112,9 @@ def ratios(rates: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
 def main(argv: list[str]) -> None:
   config, record = common.start_run(FLAGS, argv, 'train_ab')
   variants = [parse_variant(spec) for spec in FLAGS.variant or []]
-  if len(variants) < 2 or len({name for name, _ in variants}) != len(variants):
-    raise app.UsageError('give at least two --variant, with distinct names')
   names = [name for name, _ in variants]
+  if len(names) < 2 or len(set(names)) != len(names):
+    raise app.UsageError('give at least two --variant, with distinct names')
   loaded = [load_step_module(spec, names) for spec in FLAGS.step_module or []]
   step_modules = {name: path for name, path, _ in loaded}
   jit_steps = {name: jit_step for name, _, jit_step in loaded}

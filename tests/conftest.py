@@ -96,21 +96,31 @@ def cpu_mesh():
   return parallel.create_mesh(jax.devices('cpu'))
 
 
+def hlo_computations(hlo: str) -> dict[str, list[str]]:
+  """Computation name -> its instruction lines, of an HLO text (optimized or as lowered, with or without
+  the `%` before names)."""
+  bodies: dict[str, list[str]] = {}
+  lines = None
+  for line in hlo.splitlines():
+    header = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if header:
+      lines = bodies.setdefault(header.group(1), [])
+    elif lines is not None and '=' in line:
+      lines.append(line)
+  return bodies
+
+
 def ops_by_library(hlo: str, opcode: str) -> tuple[int, int]:
   """(`opcode` ops inside YNNPACK fusions, `opcode` ops XLA emits itself) of an optimized CPU HLO text."""
   ynn_bodies = {re.search(r'calls=%([\w.\-]+)', line).group(1)
                 for line in hlo.splitlines() if '__ynn_fusion' in line and 'calls=%' in line}
   in_ynn = own = 0
-  computation = None
-  for line in hlo.splitlines():
-    header = re.match(r'^(?:ENTRY )?%([\w.\-]+) ', line)
-    if header:
-      computation = header.group(1)
-    elif f' {opcode}(' in line:
-      if computation in ynn_bodies:
-        in_ynn += 1
-      else:
-        own += 1
+  for computation, lines in hlo_computations(hlo).items():
+    count = sum(f' {opcode}(' in line for line in lines)
+    if computation in ynn_bodies:
+      in_ynn += count
+    else:
+      own += count
   return in_ynn, own
 
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import strategies as st
 
 from configs import tiny
-from conftest import REPO_ROOT, cpu_mesh, ops_by_library, run_with_devices
+from conftest import REPO_ROOT, cpu_mesh, hlo_computations, ops_by_library, run_with_devices
 from ddpm_jax import checkpoints, data, diffusion, jobs, models, parallel, runtime
 from ddpm_jax.jobs import train as train_job
 from ddpm_jax.train import state as state_lib
@@ -77,28 +77,37 @@ def test_cosine_learning_rate_warms_up_then_falls_along_half_a_cosine_to_zero(wa
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=lr * 1e-6)
 
 
-def _equations(jaxpr):
-  """Every equation of `jaxpr` and of the jaxprs nested in it (jit, custom_vjp, scan bodies...)."""
+def _equations(jaxpr, cond_branch=None):
+  """Every equation of `jaxpr` and of the jaxprs nested in it (jit, custom_vjp, scan bodies...); of a
+  `cond`, only branch `cond_branch` when given (the guard's are (frozen, applied): -1 is what an applied
+  step runs)."""
   for eqn in jaxpr.eqns:
     yield eqn
+    if cond_branch is not None and eqn.primitive.name == 'cond':
+      yield from _equations(eqn.params['branches'][cond_branch].jaxpr, cond_branch)
+      continue
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          yield from _equations(sub.jaxpr)
+          yield from _equations(sub.jaxpr, cond_branch)
         elif isinstance(sub, jax.extend.core.Jaxpr):
-          yield from _equations(sub)
+          yield from _equations(sub, cond_branch)
+
+
+def _tiny_step_and_args(config):
+  """The plain train step of `config` (configs/tiny.py or a variant) and abstract (state, batch, key)."""
+  train_step = step_lib.make_train_step(models.create_model(config),
+                                        diffusion.coefficients_from_config(config.diffusion))
+  state = jax.eval_shape(lambda key: state_lib.create_train_state(config, key), jax.random.key(0))
+  return train_step, (state, jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32), jax.random.key(0))
 
 
 def _matmul_dtypes(dtype):
   """(primitive, operand dtypes, result dtype) -> count over the whole train step (forward + backward)."""
   config = tiny.get_config()
   config.model.dtype = dtype
-  model = models.create_model(config)
-  train_step = step_lib.make_train_step(model,
-                                        diffusion.coefficients_from_config(config.diffusion))
-  state = jax.eval_shape(lambda key: state_lib.create_train_state(config, key), jax.random.key(0))
-  batch = jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32)
-  jaxpr = jax.make_jaxpr(train_step)(state, batch, jax.random.key(0)).jaxpr
+  train_step, args = _tiny_step_and_args(config)
+  jaxpr = jax.make_jaxpr(train_step)(*args).jaxpr
   return collections.Counter(
       (eqn.primitive.name, tuple(str(v.aval.dtype) for v in eqn.invars), str(eqn.outvars[0].aval.dtype))
       for eqn in _equations(jaxpr) if eqn.primitive.name in ('conv_general_dilated', 'dot_general'))
@@ -148,28 +157,10 @@ def _reductions_per_applied_step(grad_clip: float) -> tuple[int, int]:
   """(reduce_sum equations a step that applies its update runs, the weights' count) of the tiny step."""
   config = tiny.get_config()
   config.optim.grad_clip = grad_clip
-  train_step = step_lib.make_train_step(models.create_model(config),
-                                        diffusion.coefficients_from_config(config.diffusion))
-  state = jax.eval_shape(lambda key: state_lib.create_train_state(config, key), jax.random.key(0))
-  batch = jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32)
-  jaxpr = jax.make_jaxpr(train_step)(state, batch, jax.random.key(0)).jaxpr
-
-  def count(jaxpr):
-    n = 0
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == 'cond':  # branches (frozen, applied): the applied one runs
-        n += count(eqn.params['branches'][-1].jaxpr)
-        continue
-      n += eqn.primitive.name == 'reduce_sum'
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          if isinstance(sub, jax.extend.core.ClosedJaxpr):
-            n += count(sub.jaxpr)
-          elif isinstance(sub, jax.extend.core.Jaxpr):
-            n += count(sub)
-    return n
-
-  return count(jaxpr), len(jax.tree.leaves(state.params))
+  train_step, args = _tiny_step_and_args(config)
+  jaxpr = jax.make_jaxpr(train_step)(*args).jaxpr
+  return (sum(eqn.primitive.name == 'reduce_sum' for eqn in _equations(jaxpr, cond_branch=-1)),
+          len(jax.tree.leaves(args[0].params)))
 
 
 def test_the_clip_adds_no_reduction_to_the_step():
@@ -288,20 +279,10 @@ def test_the_guard_stays_a_conditional_with_an_empty_frozen_branch():
   for any platform's XLA: a `cond` whose branches are both cheap and neither empty is turned into a
   select over old and new states by XLA's ConditionalSimplifier, which made the bfloat16 CIFAR10 step
   17% slower on an H200 when the branch returned a NaN constant for the `grad_norm` metric (BENCHMARKS.md)."""
-  config = tiny.get_config()
-  train_step = step_lib.make_train_step(models.create_model(config),
-                                        diffusion.coefficients_from_config(config.diffusion))
-  state = jax.eval_shape(lambda key: state_lib.create_train_state(config, key), jax.random.key(0))
-  hlo = jax.jit(train_step).lower(state, jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32),
-                                  jax.random.key(0)).as_text(dialect='hlo')
-  bodies, name = {}, None
-  for line in hlo.splitlines():
-    header = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line)
-    if header:
-      name = header.group(1)
-      bodies[name] = []
-    elif name and '=' in line:
-      bodies[name].append(re.search(r'= \S+(?: \S+)*? ([a-z\-]+)\(', line).group(1))
+  train_step, args = _tiny_step_and_args(tiny.get_config())
+  hlo = jax.jit(train_step).lower(*args).as_text(dialect='hlo')
+  bodies = {name: [re.search(r'= \S+(?: \S+)*? ([a-z\-]+)\(', line).group(1) for line in lines]
+            for name, lines in hlo_computations(hlo).items()}
   conditionals = [line for line in hlo.splitlines() if ' conditional(' in line]
   assert len(conditionals) == 1, conditionals
   branches = re.findall(r'%?([\w.\-]+)', re.search(r'branch_computations=\{([^}]*)\}',
